@@ -1,0 +1,50 @@
+# tskd: make demo | make test | make reproduce PROFILE=... DATASET=... | make lab
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PROFILE ?= demo
+DATASET ?= phantom
+DATA_ROOT ?= data
+N_LABELED ?= 20
+SEEDS ?= 0
+RUNS ?= runs/$(DATASET)-$(PROFILE)
+METHODS ?= all
+
+.PHONY: install demo test test-fast reproduce lab clean-runs help
+
+help:
+	@echo "make demo        run the whole pipeline on the embedded phantom (CPU, offline; ~20 min on 2 cores)"
+	@echo "make test        install if needed and run the test suite (offline, CPU)"
+	@echo "make reproduce   PROFILE=demo DATASET=hc18 N_LABELED=10,20,50 SEEDS=0,1,2 [DATA_ROOT=data]"
+	@echo "make lab         start JupyterLab on notebooks/"
+
+# a virtual environment with the project installed (re-done when pyproject.toml changes)
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+demo: $(STAMP)
+	$(PY) -m tskd_utils.reproduce --profile demo --dataset phantom --data-root $(DATA_ROOT) \
+		--n-labeled 20 --seeds 0 --out runs/demo
+
+reproduce: $(STAMP)
+	$(PY) -m tskd_utils.reproduce --profile $(PROFILE) --dataset $(DATASET) --data-root $(DATA_ROOT) \
+		--n-labeled $(N_LABELED) --seeds $(SEEDS) --methods $(METHODS) --out $(RUNS)
+
+lab: $(STAMP)
+	$(PY) -m pip install -q jupyterlab
+	$(VENV)/bin/jupyter lab notebooks/
+
+clean-runs:
+	rm -rf runs/

@@ -1,0 +1,8 @@
+#!/usr/bin/env python
+"""Download the hc18 dataset (checksum-pinned, see tskd_utils.download.SOURCES): `python data_scripts/download_hc18.py --out RAW [--force]`."""
+import sys
+
+from tskd_utils.download import main
+
+if __name__ == "__main__":
+    sys.exit(main("hc18"))

@@ -1,0 +1,8 @@
+#!/usr/bin/env python
+"""Convert the kidneyus dataset into the common format: see `python data_scripts/prepare_kidneyus.py --help` and the README."""
+import sys
+
+from tskd_utils.datasets import main
+
+if __name__ == "__main__":
+    sys.exit(main("kidneyus"))

@@ -1,0 +1,51 @@
+"""Shared fixtures: a small toy dataset in the common format and smoke-profile runs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+HC18 = REPO.parent / "shared" / "datasets" / "hc18"
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def make_toy_dataset(root: Path, n_cases: int = 24, size: int = 40, frames: int = 2, seed: int = 0,
+                     name: str = "toy") -> Path:
+    """Noisy bright ellipses (class 1) with a darker core (class 2): learnable in a few steps."""
+    from tskd_utils.io import DatasetWriter
+
+    rng = np.random.default_rng(seed)
+    meta = {"name": name, "modality": "synthetic", "classes": ["background", "ring", "core"],
+            "license": "CC0-1.0", "citation": "test fixture", "source": "tests/conftest.py"}
+    yy, xx = np.mgrid[0:size, 0:size]
+    with DatasetWriter(root / name, meta) as w:
+        for i in range(n_cases):
+            cy, cx = rng.uniform(0.35, 0.65, 2) * size
+            ry, rx = rng.uniform(0.18, 0.3, 2) * size
+            r = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2
+            mask = np.where(r < 0.45, 2, np.where(r < 1, 1, 0)).astype(np.uint8)
+            img = 60 + 120 * (mask == 1) + 40 * (mask == 2) + rng.normal(0, 20, (size, size))
+            w.add_case(f"c{i:03d}", f"s{i // frames:03d}", np.clip(img, 0, 255).astype(np.uint8), mask)
+    return root / name
+
+
+@pytest.fixture
+def toy_root(tmp_path) -> Path:
+    """DATA_ROOT with a 24-case toy dataset at tmp_path/data/toy."""
+    make_toy_dataset(tmp_path / "data")
+    return tmp_path / "data"
+
+
+@pytest.fixture
+def smoke_run(tmp_path, toy_root):
+    """A smoke-profile run folder on the toy dataset (splits written)."""
+    from tskd_utils.run import setup_run
+
+    return setup_run(tmp_path / "runs" / "r0", profile="smoke", dataset="toy", data_root=toy_root,
+                     n_labeled=6, seed=0)

@@ -1,0 +1,348 @@
+"""Profiles and run configuration: every size, epoch count and learning rate lives here.
+
+A *profile* says how big a run is (see method.md, "Profiles"): ``smoke`` for tests, ``demo`` for
+a 2-core CPU, ``colab`` for one free GPU and ``paper`` for a large GPU.  Notebooks never hard-code
+these numbers; they name a profile and may override single values with dotted keys::
+
+    profile = get_profile("demo", {"teacher.epochs": 5, "diffusion.n_synthetic": 0})
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
+from typing import Any, Optional
+
+ENV_PREFIX = "TSKD_"
+
+
+@dataclass
+class DataConfig:
+    image_size: int = 128  # the student's input: longest side resized, zero-padded to a square
+    val_fraction: float = 0.15  # of subjects
+    test_fraction: float = 0.2  # of subjects
+    max_train: Optional[int] = None  # cap on the real train pool (= real part of the transfer set)
+    max_val: Optional[int] = None
+    max_test: Optional[int] = None
+    phantom_cases: int = 300  # cases in the embedded phantom when it is prepared by a notebook
+    num_workers: int = 0
+
+
+@dataclass
+class TeacherConfig:
+    name: str = "litemedsam"  # litemedsam | sam_vit_b | tiny
+    weights: Optional[str] = None  # local checkpoint file (sam_vit_b offline)
+    input_size: int = 256  # what the teacher encoder sees (LiteMedSAM: fixed 256)
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_targets: tuple = ("qkv",)  # module names that get adapters (qkv, proj, fc1, fc2)
+    lora_stages: Optional[tuple] = None  # stages (LiteMedSAM) or blocks (ViT) with adapters; None = all
+    cache_prefix: bool = False  # compute the frozen stages before the first adapter once per image
+    head_channels: int = 64
+    epochs: int = 20
+    batch_size: int = 4
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_epochs: int = 1
+    augment: bool = True  # not possible with cache_prefix (the cached features are of the raw image)
+    grad_checkpointing: bool = False  # CUDA only
+    amp: bool = True  # CUDA only
+
+
+@dataclass
+class DiffusionConfig:
+    n_synthetic: int = 40  # 0 skips the stage
+    sample_size: int = 64  # the DDPM's resolution; samples are resized to data.image_size
+    block_out_channels: tuple = (32, 64, 64)
+    layers_per_block: int = 1
+    attention: bool = False  # self-attention at the lowest resolution
+    train_timesteps: int = 1000
+    beta_schedule: str = "linear"  # DDPMScheduler's: linear | scaled_linear | squaredcos_cap_v2 (cosine)
+    epochs: int = 30
+    batch_size: int = 16
+    lr: float = 3e-4
+    weight_decay: float = 1e-6  # AdamW
+    max_grad_norm: float = 1.0  # gradient clipping
+    flip: bool = True  # random horizontal flips of the training images
+    warmup_steps: int = 50
+    ema_decay: float = 0.995
+    sampler: str = "ddim"  # ddim | dpm
+    sampling_steps: int = 25
+    sample_batch_size: int = 16
+    amp: bool = True  # CUDA only
+
+
+@dataclass
+class StudentConfig:
+    name: str = "vit_mini"  # vit_tiny | vit_mini | vit_micro (see tskd_utils.models.students)
+    decoder_channels: int = 64
+
+
+@dataclass
+class DistillConfig:
+    epochs: int = 15
+    batch_size: int = 16
+    lr: float = 5e-4
+    weight_decay: float = 0.05
+    warmup_epochs: int = 1
+    feature_weight: float = 1.0
+    output_weight: float = 1.0
+    temperature: float = 2.0
+    flip: bool = True  # horizontal flips applied identically to image and cached targets
+    mae_mask_ratio: float = 0.75
+    mae_decoder_dim: int = 96
+    mae_decoder_depth: int = 1
+    moco_temperature: float = 0.2
+    moco_momentum: float = 0.99
+    moco_dim: int = 64
+    moco_hidden: int = 256
+
+
+@dataclass
+class FinetuneConfig:
+    epochs: int = 40
+    batch_size: int = 8
+    lr: float = 5e-4
+    weight_decay: float = 0.01
+    warmup_epochs: int = 2
+    augment: bool = True
+
+
+@dataclass
+class EvalConfig:
+    latency_repeats: int = 20
+    latency_warmup: int = 3
+    n_overlay: int = 6
+
+
+@dataclass
+class Profile:
+    name: str
+    description: str
+    default_n_labeled: int = 20
+    device: str = "auto"  # auto | cpu | cuda
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def _smoke() -> Profile:
+    return Profile(
+        name="smoke",
+        description="tests and CI: tiny random teacher and student, 32 px, a few steps",
+        default_n_labeled=6,
+        device="cpu",
+        data=DataConfig(image_size=32, max_train=24, max_val=6, max_test=6, phantom_cases=48),
+        teacher=TeacherConfig(
+            name="tiny", input_size=32, lora_rank=4, lora_alpha=8, lora_targets=("qkv", "proj"),
+            lora_stages=(1,), cache_prefix=True, augment=False, head_channels=16, epochs=2,
+            batch_size=4, lr=3e-3, warmup_epochs=0,
+        ),
+        diffusion=DiffusionConfig(
+            n_synthetic=4, sample_size=16, block_out_channels=(8, 16), epochs=2, batch_size=8,
+            warmup_steps=0, sampling_steps=4, sample_batch_size=4,
+        ),
+        student=StudentConfig(name="vit_micro", decoder_channels=16),
+        distill=DistillConfig(epochs=2, batch_size=8, lr=1e-3, warmup_epochs=0, mae_decoder_dim=16,
+                              moco_dim=16, moco_hidden=32),
+        finetune=FinetuneConfig(epochs=2, batch_size=4, lr=1e-3, warmup_epochs=0),
+        eval=EvalConfig(latency_repeats=3, latency_warmup=1, n_overlay=3),
+    )
+
+
+def _demo() -> Profile:
+    return Profile(
+        name="demo",
+        description="a laptop or 2-core CPU, no GPU, no network: LiteMedSAM teacher, small student, 128 px",
+        default_n_labeled=20,
+        device="auto",
+        data=DataConfig(image_size=128, max_train=220, max_val=40, max_test=100, phantom_cases=160),
+        teacher=TeacherConfig(
+            name="litemedsam", input_size=256, lora_rank=8, lora_alpha=16,
+            lora_targets=("qkv", "proj", "fc1", "fc2"), lora_stages=(3,), cache_prefix=True,
+            augment=False, epochs=15, batch_size=4, lr=1e-3, warmup_epochs=1,
+        ),
+        diffusion=DiffusionConfig(n_synthetic=40, sample_size=64, epochs=25, batch_size=16),
+        student=StudentConfig(name="vit_mini", decoder_channels=64),
+        distill=DistillConfig(epochs=15, batch_size=16),
+        finetune=FinetuneConfig(epochs=40, batch_size=8),
+    )
+
+
+def _colab() -> Profile:
+    return Profile(
+        name="colab",
+        description="one free Colab/Kaggle GPU (T4, 15 GB): SAM ViT-B teacher, ViT-Tiny student, 256 px, fp16",
+        default_n_labeled=20,
+        device="auto",
+        data=DataConfig(image_size=256, max_train=None, phantom_cases=300, num_workers=2),
+        teacher=TeacherConfig(
+            name="sam_vit_b", input_size=256, lora_rank=8, lora_alpha=16, lora_targets=("qkv",),
+            lora_stages=None, cache_prefix=False, augment=True, epochs=40, batch_size=8, lr=5e-4,
+            warmup_epochs=2, grad_checkpointing=True,
+        ),
+        diffusion=DiffusionConfig(
+            n_synthetic=500, sample_size=128, block_out_channels=(64, 128, 256, 256),
+            layers_per_block=2, attention=True, epochs=150, batch_size=32, lr=2e-4, warmup_steps=500,
+            ema_decay=0.999, sampling_steps=50, sample_batch_size=64,
+        ),
+        student=StudentConfig(name="vit_tiny", decoder_channels=64),
+        distill=DistillConfig(epochs=100, batch_size=32, lr=5e-4, warmup_epochs=5),
+        finetune=FinetuneConfig(epochs=100, batch_size=8, lr=3e-4, warmup_epochs=5),
+    )
+
+
+def _paper() -> Profile:
+    return Profile(
+        name="paper",
+        description="a large GPU: SAM ViT-B at its native 1024 px, ViT-Tiny at 256 px, long schedules",
+        default_n_labeled=80,
+        device="auto",
+        data=DataConfig(image_size=256, phantom_cases=1000, num_workers=8),
+        teacher=TeacherConfig(
+            name="sam_vit_b", input_size=1024, lora_rank=8, lora_alpha=16, lora_targets=("qkv",),
+            lora_stages=None, cache_prefix=False, augment=True, epochs=100, batch_size=8, lr=5e-4,
+            warmup_epochs=5, grad_checkpointing=True,
+        ),
+        diffusion=DiffusionConfig(
+            n_synthetic=2000, sample_size=256, block_out_channels=(64, 128, 256, 256, 512),
+            layers_per_block=2, attention=True, epochs=300, batch_size=32, lr=1e-4, warmup_steps=1000,
+            ema_decay=0.9999, sampling_steps=50, sample_batch_size=64,
+        ),
+        student=StudentConfig(name="vit_tiny", decoder_channels=64),
+        distill=DistillConfig(epochs=300, batch_size=64, lr=5e-4, warmup_epochs=10),
+        finetune=FinetuneConfig(epochs=200, batch_size=8, lr=3e-4, warmup_epochs=10),
+    )
+
+
+PROFILES = {"smoke": _smoke, "demo": _demo, "colab": _colab, "paper": _paper}
+
+
+def _coerce(value: Any, current: Any, key: str) -> Any:
+    """Convert an override (often a string from the command line) to the type of the default."""
+    if isinstance(value, str):
+        if current is None or isinstance(current, (tuple, list)):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                pass
+        elif isinstance(current, bool):
+            low = value.strip().lower()
+            if low not in {"true", "false", "1", "0", "yes", "no"}:
+                raise ValueError(f"override {key}={value!r}: expected true or false")
+            return low in {"true", "1", "yes"}
+        elif isinstance(current, (int, float)):
+            try:
+                return type(current)(value)
+            except ValueError:
+                raise ValueError(f"override {key}={value!r}: expected a {type(current).__name__}") from None
+    if isinstance(current, tuple) and isinstance(value, list):
+        return tuple(value)
+    if isinstance(current, bool) and not isinstance(value, bool):
+        raise ValueError(f"override {key}={value!r}: expected true or false")
+    if isinstance(current, int) and not isinstance(current, bool) and isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError(f"override {key}={value!r}: expected an integer")
+        return int(value)
+    return value
+
+
+def apply_overrides(profile: Profile, overrides: Optional[dict] = None) -> Profile:
+    """Return a copy of ``profile`` with dotted-key overrides applied (``{"teacher.epochs": 3}``)."""
+    profile = profile_from_dict(profile_to_dict(profile))
+    for key, value in (overrides or {}).items():
+        parts = key.split(".")
+        target = profile
+        for part in parts[:-1]:
+            if not is_dataclass(target) or part not in {f.name for f in fields(target)}:
+                raise KeyError(f"unknown profile setting {key!r}; valid keys: {', '.join(valid_keys())}")
+            target = getattr(target, part)
+        name = parts[-1]
+        if not is_dataclass(target) or name not in {f.name for f in fields(target)} or is_dataclass(
+                getattr(target, name)):
+            raise KeyError(f"unknown profile setting {key!r}; valid keys: {', '.join(valid_keys())}")
+        setattr(target, name, _coerce(value, getattr(target, name), key))
+    return profile
+
+
+def valid_keys(obj: Any = None, prefix: str = "") -> list[str]:
+    obj = obj if obj is not None else _smoke()
+    keys = []
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if is_dataclass(value):
+            keys += valid_keys(value, f"{prefix}{f.name}.")
+        elif f.name not in {"name", "description"}:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def get_profile(name: Optional[str] = None, overrides: Optional[dict] = None) -> Profile:
+    """The named profile (default: ``$TSKD_PROFILE`` or ``demo``) with overrides applied."""
+    name = name or os.environ.get(ENV_PREFIX + "PROFILE", "demo")
+    if name not in PROFILES:
+        raise KeyError(f"unknown profile {name!r}; choose one of: {', '.join(PROFILES)}")
+    return apply_overrides(PROFILES[name](), overrides)
+
+
+def profile_to_dict(profile: Profile) -> dict:
+    return asdict(profile)
+
+
+def profile_from_dict(d: dict) -> Profile:
+    def build(cls, values):
+        kwargs = {}
+        known = {f.name: f for f in fields(cls)}
+        for key, value in values.items():
+            if key not in known:
+                raise KeyError(f"unknown profile setting {key!r} in {cls.__name__}")
+            sub = known[key].default_factory if known[key].default_factory is not dataclasses.MISSING else None
+            if sub is not None and is_dataclass(sub):
+                value = build(sub, value)
+            elif isinstance(value, list):
+                value = tuple(value)
+            kwargs[key] = value
+        return cls(**kwargs)
+
+    return build(Profile, d)
+
+
+def resolve_device(profile: Profile) -> str:
+    import torch
+
+    if profile.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if profile.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"profile {profile.name!r} asks for device='cuda' but no CUDA GPU is visible")
+    return profile.device
+
+
+def env_default(name: str, default: Any) -> Any:
+    """Read ``TSKD_<NAME>`` from the environment, typed like ``default`` (for notebooks' parameters)."""
+    raw = os.environ.get(ENV_PREFIX + name.upper())
+    if raw is None or raw == "":
+        return default
+    if isinstance(default, bool):
+        return raw.strip().lower() in {"1", "true", "yes"}
+    if isinstance(default, int):
+        return int(raw)
+    if isinstance(default, float):
+        return float(raw)
+    if isinstance(default, (list, tuple)):
+        return [s.strip() for s in raw.split(",") if s.strip()]
+    return raw
+
+
+__all__ = [
+    "DataConfig", "TeacherConfig", "DiffusionConfig", "StudentConfig", "DistillConfig", "FinetuneConfig",
+    "EvalConfig", "Profile", "PROFILES", "get_profile", "apply_overrides", "profile_to_dict",
+    "profile_from_dict", "resolve_device", "env_default", "valid_keys", "replace",
+]

@@ -1,0 +1,85 @@
+"""Dataset converters: raw public layouts -> the common format (see tskd_utils.io).
+
+Each converter is a module ``tskd_utils.datasets.<name>`` that defines
+
+* ``DESCRIPTION``: one line for ``--help``;
+* ``add_arguments(parser)``: its own command-line options (besides --raw, --out, --overwrite);
+* ``prepare(raw, out, overwrite=False, **options) -> Path``: convert ``raw`` into
+  ``out/<dataset folder>`` with :class:`tskd_utils.io.DatasetWriter` and return that folder.
+
+``data_scripts/prepare_<name>.py`` are thin wrappers around :func:`main`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+CONVERTERS = ("phantom", "hc18", "busi", "kidneyus", "chaos", "psfhs", "folder")
+
+
+def get_converter(name: str):
+    if name not in CONVERTERS:
+        raise KeyError(f"unknown dataset {name!r}; known converters: {', '.join(CONVERTERS)}")
+    return importlib.import_module(f"{__name__}.{name}")
+
+
+def prepare(name: str, raw: Optional[Path], out: Path, overwrite: bool = False, **options) -> Path:
+    """Convert dataset ``name`` from ``raw`` into ``out``; returns the dataset folder."""
+    module = get_converter(name)
+    return Path(module.prepare(raw, Path(out), overwrite=overwrite, **options))
+
+
+def ensure_dataset(dataset: str, data_root: Path, phantom_cases: int = 300, seed: int = 0) -> Path:
+    """Return ``data_root/dataset``; generate it first if it is the phantom and missing.
+
+    Real datasets cannot be fetched silently (registration, licences, size): a clear error says
+    which script prepares them.
+    """
+    from ..io import DataError
+
+    root = Path(data_root) / dataset
+    if (root / "dataset.json").is_file():
+        return root
+    if dataset == "phantom":
+        return prepare("phantom", None, Path(data_root), n_cases=phantom_cases, seed=seed)
+    hint = dataset.split("_")[0]
+    raise DataError(
+        f"dataset {dataset!r} not found at {root}. Prepare it first, e.g. "
+        f"`python data_scripts/prepare_{hint if hint in CONVERTERS else 'folder'}.py --raw RAW --out {data_root}` "
+        f"(see the README's dataset table), or use dataset='phantom'."
+    )
+
+
+def main(name: str, argv: Optional[list] = None) -> int:
+    """Command line of ``data_scripts/prepare_<name>.py``."""
+    module = get_converter(name)
+    parser = argparse.ArgumentParser(
+        prog=f"prepare_{name}.py", description=module.DESCRIPTION,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    if name != "phantom":
+        parser.add_argument("--raw", type=Path, required=True, help="the raw download, in its published layout")
+    parser.add_argument("--out", type=Path, required=True, help="DATA_ROOT: the dataset is written to a folder inside it")
+    parser.add_argument("--overwrite", action="store_true", help="replace a finished dataset of the same name")
+    module.add_arguments(parser)
+    args = vars(parser.parse_args(argv))
+    raw, out, overwrite = args.pop("raw", None), args.pop("out"), args.pop("overwrite")
+    from ..io import DataError
+
+    start = time.perf_counter()
+    try:
+        folder = prepare(name, raw, out, overwrite=overwrite, **args)
+    except (DataError, FileExistsError, FileNotFoundError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from ..io import load_dataset
+
+    info = load_dataset(folder)
+    print(f"wrote {len(info.cases)} cases ({len({c.subject for c in info.cases})} subjects, classes "
+          f"{info.classes}) to {folder} in {time.perf_counter() - start:.1f} s")
+    return 0

@@ -1,0 +1,183 @@
+"""The run folder: one dataset, one n_labeled, one seed, one profile (conventions.md).
+
+Notebooks pass work to each other only through it::
+
+    runs/<run_name>/config.json  splits.json  teacher/  synthetic/  cache/  students/<method>/
+                    metrics/  figures/
+
+Every notebook starts with :func:`setup_run`, which creates the folder (or checks that an existing
+one was made with the same settings), prepares the phantom if it is the dataset and is missing,
+and writes the split if there is none yet.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from . import __version__
+from .config import Profile, get_profile, profile_to_dict, resolve_device
+from .data import make_splits
+from .datasets import ensure_dataset
+from .io import DataError, DatasetInfo, load_dataset, read_json, write_json
+
+METHODS = ("scratch", "ta_kd", "ts_kd", "ts_kd_nosyn", "mae", "mocov3")  # students; "teacher" is the reference
+ALL_METHODS = METHODS + ("teacher",)
+
+
+@dataclass
+class Run:
+    dir: Path
+    profile: Profile
+    dataset: str
+    data_root: Path
+    n_labeled: int
+    seed: int
+    overrides: dict = field(default_factory=dict)
+    _info: Optional[DatasetInfo] = None
+    _splits: Optional[dict] = None
+
+    # -- folders ------------------------------------------------------------------------
+    @property
+    def teacher_dir(self) -> Path:
+        return self.dir / "teacher"
+
+    @property
+    def synthetic_dir(self) -> Path:
+        return self.dir / "synthetic"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.dir / "cache"
+
+    @property
+    def students_dir(self) -> Path:
+        return self.dir / "students"
+
+    @property
+    def metrics_dir(self) -> Path:
+        return self.dir / "metrics"
+
+    @property
+    def figures_dir(self) -> Path:
+        d = self.dir / "figures"
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    @property
+    def shared_cache_dir(self) -> Path:
+        """Per-image features of the *frozen pretrained* teacher, shared by all runs beside this one
+        (they do not depend on the split, n_labeled or seed)."""
+        return self.dir.parent / "_shared_cache" / self.dataset
+
+    # -- data -----------------------------------------------------------------------------
+    @property
+    def dataset_root(self) -> Path:
+        return self.data_root / self.dataset
+
+    @property
+    def info(self) -> DatasetInfo:
+        if self._info is None:
+            self._info = load_dataset(self.dataset_root)
+        return self._info
+
+    @property
+    def splits(self) -> dict:
+        if self._splits is None:
+            path = self.dir / "splits.json"
+            if not path.is_file():
+                raise DataError(f"{path} is missing: run notebook 01 (or tskd_utils.run.setup_run) first")
+            self._splits = read_json(path)
+        return self._splits
+
+    @property
+    def device(self) -> str:
+        return resolve_device(self.profile)
+
+    @property
+    def name(self) -> str:
+        return self.dir.name
+
+    def describe(self) -> str:
+        s = self.splits
+        return (f"run {self.dir} | profile {self.profile.name} | dataset {self.dataset} | n_labeled {self.n_labeled} "
+                f"| seed {self.seed} | device {self.device} | train {s['counts']['train']} (labeled "
+                f"{s['counts']['labeled']}) val {s['counts']['val']} test {s['counts']['test']}")
+
+
+def _config_dict(profile: Profile, dataset: str, data_root: Path, n_labeled: int, seed: int,
+                 overrides: dict) -> dict:
+    return {
+        "dataset": dataset,
+        "data_root": str(data_root),
+        "n_labeled": int(n_labeled),
+        "seed": int(seed),
+        "profile": profile.name,
+        "overrides": overrides,
+        "resolved_profile": profile_to_dict(profile),
+        "tskd_version": __version__,
+        "created": _dt.datetime.now().isoformat(timespec="seconds"),
+    }
+
+
+def setup_run(run_dir, profile: str = "demo", dataset: str = "phantom", data_root="data",
+              n_labeled: Optional[int] = None, seed: int = 0, overrides: Optional[dict] = None,
+              prepare: bool = True) -> Run:
+    """Create (or reopen) a run folder and make sure its dataset and split exist."""
+    overrides = json.loads(json.dumps(dict(overrides or {})))  # as it reads back from config.json
+    prof = get_profile(profile, overrides)
+    n_labeled = int(n_labeled) if n_labeled else prof.default_n_labeled
+    run_dir, data_root = Path(run_dir).resolve(), Path(data_root).resolve()
+    cfg_path = run_dir / "config.json"
+    wanted = _config_dict(prof, dataset, data_root, n_labeled, seed, overrides)
+    if cfg_path.is_file():
+        have = read_json(cfg_path)
+        for key in ("dataset", "n_labeled", "seed", "profile", "overrides"):
+            if have.get(key) != wanted[key]:
+                raise DataError(
+                    f"{cfg_path} was made with {key}={have.get(key)!r}, not {wanted[key]!r}: use another "
+                    f"run_dir for different settings (finished work in {run_dir} is left as it is)")
+    if prepare:
+        ensure_dataset(dataset, data_root, phantom_cases=prof.data.phantom_cases)
+    run = Run(run_dir, prof, dataset, data_root, n_labeled, seed, overrides)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not cfg_path.is_file():
+        write_json(cfg_path, wanted)
+    splits_path = run_dir / "splits.json"
+    if not splits_path.is_file():
+        d = prof.data
+        splits = make_splits(run.info, n_labeled, seed, d.val_fraction, d.test_fraction,
+                             max_train=d.max_train, max_val=d.max_val, max_test=d.max_test)
+        write_json(splits_path, splits)
+    return run
+
+
+def load_run(run_dir) -> Run:
+    """Reopen a run folder made by :func:`setup_run`."""
+    run_dir = Path(run_dir).resolve()
+    cfg_path = run_dir / "config.json"
+    if not cfg_path.is_file():
+        raise DataError(f"{cfg_path} is missing: {run_dir} is not a run folder (run notebook 01 first)")
+    cfg = read_json(cfg_path)
+    prof = get_profile(cfg["profile"], cfg.get("overrides") or {})
+    return Run(run_dir, prof, cfg["dataset"], Path(cfg["data_root"]), int(cfg["n_labeled"]), int(cfg["seed"]),
+               cfg.get("overrides") or {})
+
+
+def check_methods(methods) -> list[str]:
+    """Validate a list of method ids (``"all"`` or None = every student method)."""
+    if methods is None or methods == "all" or methods == ["all"]:
+        return list(METHODS)
+    if isinstance(methods, str):
+        methods = [m.strip() for m in methods.split(",") if m.strip()]
+    bad = [m for m in methods if m not in ALL_METHODS]
+    if bad:
+        raise KeyError(f"unknown method(s) {bad}; valid methods: {', '.join(ALL_METHODS)}")
+    return [m for m in methods if m != "teacher"]
+
+
+def dump(obj) -> str:
+    return json.dumps(obj, indent=2, default=str)
