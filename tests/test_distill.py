@@ -1,0 +1,133 @@
+"""Distillation and the baselines: cached targets, losses, invariants, every method end to end."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tskd_utils import distill, pretrain, training
+from tskd_utils.io import sha256sum
+from tskd_utils.models import build_student
+from tskd_utils.teacher import load_teacher, train_teacher
+
+
+@pytest.fixture
+def trained_run(smoke_run, monkeypatch):
+    monkeypatch.setattr("tskd_utils.synthesis.synthetic_paths", lambda run: [])
+    train_teacher(smoke_run)
+    return smoke_run
+
+
+def test_cached_targets_equal_the_live_teacher(trained_run):
+    import numpy as np
+    import torch.nn.functional as F
+
+    from tskd_utils.data import letterbox
+    from tskd_utils.io import read_image
+    from tskd_utils.teacher import images_to_tensor
+
+    run = trained_run
+    tg = distill.teacher_targets(run, synthetic=False)
+    names, paths, _ = distill.transfer_set(run, synthetic=False)
+    assert tg["names"] == names and tg["emb_ts"].dtype == torch.float16
+    ts, ta = load_teacher(run, "lora"), load_teacher(run, "pretrained")
+    size_t, size_s = run.profile.teacher.input_size, run.profile.data.image_size
+    x = images_to_tensor(np.stack([letterbox(read_image(p), size_t) for p in paths[:4]]), "cpu")
+    with torch.inference_mode():  # the live teacher on the raw images, no cache involved
+        emb = ts.encoder(x)
+        logits = F.interpolate(ts.head(emb), size=(size_s, size_s), mode="area")
+        emb_ta = ta.encoder(x)
+    for cached, live in ((tg["emb_ts"][:4], emb), (tg["logits_ts"][:4], logits), (tg["emb_ta"][:4], emb_ta)):
+        assert cached.shape == live.shape
+        assert torch.allclose(cached.float(), live, atol=2e-2, rtol=1e-2)  # fp16 storage (+ fp16 prefix)
+    assert not torch.allclose(tg["emb_ts"].float(), tg["emb_ta"].float(), atol=1e-3)  # LoRA changed it
+
+
+def test_kd_loss_falls_on_a_fixed_batch():
+    torch.manual_seed(0)
+    student = build_student("vit_micro", 32, 3)
+    align = distill.FeatureAlign(student.embed_dim, 16, 8)
+    x = torch.rand(4, 1, 32, 32)
+    emb, logits_t = torch.randn(4, 16, 8, 8), torch.randn(4, 3, 32, 32) * 3
+    opt = torch.optim.AdamW(list(student.parameters()) + list(align.parameters()), lr=3e-3)
+    losses = []
+    for _ in range(60):
+        loss, parts = distill.kd_loss(student, align, x, emb, logits_t, 1.0, 1.0, 2.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.75 * losses[0] and {"feature_loss", "output_loss"} <= set(parts)
+
+
+def test_flip_is_applied_to_image_and_targets_together():
+    torch.manual_seed(1)
+    x = torch.arange(16.0).view(1, 1, 4, 4).repeat(8, 1, 1, 1) / 16
+    t = x.clone().repeat(1, 2, 1, 1)
+    xa, ta = distill.flip_photometric(x, t)
+    flipped = (ta[:, 0, 0, 0] > ta[:, 0, 0, -1])
+    assert 0 < flipped.sum() < 8  # some flipped, some not
+    assert torch.equal((xa[:, 0, 0, 0] > xa[:, 0, 0, -1]), flipped)  # the image follows its targets
+    assert torch.equal(ta, torch.where(flipped.view(-1, 1, 1, 1), t.flip(-1), t))  # targets: no photometric
+
+
+def test_mae_masks_the_stated_ratio_and_learns():
+    ids_keep, mask = pretrain.random_masking(3, 64, 0.75)
+    assert ids_keep.shape == (3, 16) and torch.all(mask.sum(1) == 48)
+    assert all(mask[i, ids_keep[i]].sum() == 0 for i in range(3))
+    torch.manual_seed(0)
+    mae = pretrain.MAE(build_student("vit_micro", 32, 2), 0.75, 16, 1)
+    x = torch.rand(4, 1, 32, 32)
+    loss, pred, m = mae(x)
+    assert pred.shape == (4, 64, 16) and m.shape == (4, 64) and loss.item() > 0
+
+
+def test_mocov3_momentum_encoder_gets_no_gradients_and_follows_ema():
+    torch.manual_seed(0)
+    moco = pretrain.MoCoV3(build_student("vit_micro", 32, 2), dim=8, hidden=16)
+    v1, v2 = torch.rand(4, 1, 32, 32), torch.rand(4, 1, 32, 32)
+    loss = moco(v1, v2)
+    loss.backward()
+    assert all(p.grad is None for p in moco.momentum_encoder.parameters())
+    assert any(p.grad is not None for p in moco.student.encoder.parameters())
+    key_before = [p.clone() for p in moco.momentum_encoder.parameters()]
+    with torch.no_grad():
+        for p in moco.student.encoder.parameters():
+            p.add_(0.1)
+    moco.update_momentum(0.9)
+    for kb, k, q in zip(key_before, moco.momentum_encoder.parameters(), moco.student.encoder.parameters()):
+        assert torch.allclose(k, 0.9 * kb + 0.1 * q, atol=1e-6)
+
+
+def test_every_method_end_to_end_and_the_teacher_is_never_updated(trained_run):
+    run = trained_run
+    teacher_files = sorted(run.teacher_dir.rglob("*.safetensors"))
+    before = {f: sha256sum(f) for f in teacher_files}
+    results = distill.run_methods(run, "all")
+    assert [r["method"] for r in results] == list(distill.METHODS)
+    for r in results:
+        assert 0 <= r["best_val_dice"] <= 1
+        assert (run.students_dir / r["method"] / "student.safetensors").is_file()
+    assert {f: sha256sum(f) for f in teacher_files} == before
+    ts = next(r for r in results if r["method"] == "ts_kd")
+    assert "val_dice_after_pretrain" in ts and ts["transfer_set"] == run.splits["counts"]["train"]
+    student = distill.load_student(run, "ts_kd")
+    with torch.inference_mode():
+        assert student(torch.rand(1, 1, 32, 32)).shape == (1, run.info.n_classes, 32, 32)
+
+
+def test_a_resumed_pretraining_stage_continues_where_it_stopped(trained_run, monkeypatch):
+    run = trained_run
+    monkeypatch.setenv(training.STOP_ENV, "pretrain:1")
+    with pytest.raises(training.StageInterrupted):
+        distill.pretrain(run, "mae")
+    monkeypatch.delenv(training.STOP_ENV)
+    info = distill.pretrain(run, "mae")
+    hist = training.history_of(distill.method_dir(run, "mae") / "pretrain")
+    assert [r["epoch"] for r in hist] == list(range(1, run.profile.distill.epochs + 1))
+    assert info["final_loss"] == hist[-1]["loss"]
+
+
+def test_unknown_method_is_refused(trained_run):
+    with pytest.raises(KeyError, match="valid methods: scratch, ta_kd, ts_kd, ts_kd_nosyn, mae, mocov3"):
+        distill.run_method(trained_run, "distill_all")
