@@ -167,6 +167,52 @@ def _val_dice(predict, inputs: list, masks: torch.Tensor, n_classes: int, batch_
     return float(torch.cat(scores).mean())
 
 
+def frozen_embeddings(encoder: TeacherEncoder, prefix: Optional[list], images: Sequence[np.ndarray], device: str,
+                      batch_size: int) -> torch.Tensor:
+    """Embeddings of the frozen encoder, from cached prefix features when given, else from the images."""
+    embs = []
+    with torch.inference_mode():
+        for idx in tqdm(list(_batches(len(images), batch_size, False)), desc="frozen embeddings", leave=False,
+                        dynamic_ncols=True):
+            if prefix is not None:
+                embs.append(encoder.suffix(torch.stack([prefix[i] for i in idx]).float().to(device)).cpu())
+            else:
+                embs.append(encoder(images_to_tensor(np.stack([images[i] for i in idx]), device)).cpu())
+    return torch.cat(embs)
+
+
+def fit_head(head: torch.nn.Module, emb_train: torch.Tensor, train_masks: torch.Tensor, emb_val: torch.Tensor,
+             val_masks: torch.Tensor, t, stage_dir: Path, seed: int, device: str, force: bool = False,
+             desc: str = "teacher: frozen encoder + head") -> list[dict]:
+    """Train a segmentation head on fixed embeddings (Dice + CE, AdamW, warm-up + cosine, best by val Dice)."""
+    n_classes = head.classifier.out_channels
+    loss_fn = _loss_fn()
+    steps = max(1, (len(emb_train) + t.batch_size - 1) // t.batch_size)
+    opt = torch.optim.AdamW(head.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    sched = warmup_cosine(opt, t.warmup_epochs * steps, t.epochs * steps)
+
+    def epoch_fn(epoch):
+        head.train()
+        total = 0.0
+        for idx in _batches(len(emb_train), t.batch_size, shuffle=True):
+            loss = loss_fn(head(emb_train[idx].to(device)), train_masks[idx][:, None].to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.item() * len(idx)
+        return {"loss": total / len(emb_train)}
+
+    def val_fn():
+        head.eval()
+        return {"val_dice": _val_dice(lambda idx: head(emb_val[idx].to(device)), list(range(len(emb_val))),
+                                      val_masks, n_classes, t.batch_size)}
+
+    stage = Stage(stage_dir, {"head": head}, opt, t.epochs, seed=seed, scheduler=sched, monitor="val_dice",
+                  desc=desc, force=force)
+    return stage.run(epoch_fn, val_fn)
+
+
 def train_teacher(run: Run, force: bool = False, variants: Sequence[str] = ("frozen", "lora")) -> dict:
     """Train the frozen-encoder baseline and the LoRA teacher; reuse them when finished."""
     prof, t = run.profile, run.profile.teacher
@@ -211,45 +257,12 @@ def train_teacher(run: Run, force: bool = False, variants: Sequence[str] = ("fro
 
     # ----- frozen encoder + head -------------------------------------------------------------
     if "frozen" in variants:
-        t0 = time.perf_counter()
-        with torch.inference_mode():  # embeddings of the frozen encoder never change: compute once
-            def embed_all(ds, prefix):
-                embs = []
-                for idx in tqdm(list(_batches(len(ds), t.batch_size, False)), desc="frozen embeddings",
-                                leave=False, dynamic_ncols=True):
-                    if prefix is not None:
-                        h = torch.stack([prefix[i] for i in idx]).float().to(device)
-                        embs.append(encoder.suffix(h).cpu())
-                    else:
-                        embs.append(encoder(images_to_tensor(np.stack([ds.images[i] for i in idx]), device)).cpu())
-                return torch.cat(embs)
-
-            emb_train, emb_val = embed_all(train_ds, prefix_train), embed_all(val_ds, prefix_val)
+        t0 = time.perf_counter()  # the frozen encoder's embeddings never change: computed once
+        emb_train = frozen_embeddings(encoder, prefix_train, train_ds.images, device, t.batch_size)
+        emb_val = frozen_embeddings(encoder, prefix_val, val_ds.images, device, t.batch_size)
         head = SegHead(encoder.embed_dim, n_classes, encoder.grid, encoder.input_size, t.head_channels).to(device)
-        opt = torch.optim.AdamW(head.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-        sched = warmup_cosine(opt, t.warmup_epochs * steps_per_epoch, t.epochs * steps_per_epoch)
-
-        def frozen_epoch(epoch):
-            head.train()
-            total = 0.0
-            for idx in _batches(len(train_ds), t.batch_size, shuffle=True):
-                logits = head(emb_train[idx].to(device))
-                loss = loss_fn(logits, train_masks[idx][:, None].to(device))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                total += loss.item() * len(idx)
-            return {"loss": total / len(train_ds)}
-
-        def frozen_val():
-            head.eval()
-            return {"val_dice": _val_dice(lambda idx: head(emb_val[idx].to(device)), list(range(len(val_ds))),
-                                          val_masks, n_classes, t.batch_size)}
-
-        stage = Stage(out / "frozen", {"head": head}, opt, t.epochs, seed=run.seed, scheduler=sched,
-                      monitor="val_dice", desc="teacher: frozen encoder + head", force=force)
-        hist = stage.run(frozen_epoch, frozen_val)
+        hist = fit_head(head, emb_train, train_masks, emb_val, val_masks, t, out / "frozen", run.seed, device,
+                        force=force)
         save_weights(out / "frozen_head.safetensors", {"head": head})
         results["frozen_val_dice"] = max(r["val_dice"] for r in hist)
         timings["frozen_seconds"] = round(time.perf_counter() - t0, 2)
