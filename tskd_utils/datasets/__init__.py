@@ -44,6 +44,13 @@ def ensure_dataset(dataset: str, data_root: Path, phantom_cases: int = 300, seed
 
     root = Path(data_root) / dataset
     if (root / "dataset.json").is_file():
+        if dataset == "phantom":
+            import json
+
+            have = json.loads((root / "dataset.json").read_text()).get("n_cases")
+            if have != phantom_cases:
+                print(f"note: using the existing phantom in {root} ({have} cases; this profile would make "
+                      f"{phantom_cases}). Delete that folder, or pass another data_root, to regenerate it.")
         return root
     if dataset == "phantom":
         return prepare("phantom", None, Path(data_root), n_cases=phantom_cases, seed=seed)
