@@ -62,6 +62,7 @@ class DiffusionConfig:
     attention: bool = False  # self-attention at the lowest resolution
     train_timesteps: int = 1000
     beta_schedule: str = "linear"  # DDPMScheduler's: linear | scaled_linear | squaredcos_cap_v2 (cosine)
+    prediction_type: str = "epsilon"  # what the UNet predicts: epsilon (the noise) | v_prediction
     epochs: int = 30
     batch_size: int = 16
     lr: float = 3e-4
@@ -170,7 +171,13 @@ def _demo() -> Profile:
             lora_targets=("qkv", "proj", "fc1", "fc2"), lora_stages=(3,), cache_prefix=True,
             augment=False, epochs=15, batch_size=4, lr=1e-3, warmup_epochs=1,
         ),
-        diffusion=DiffusionConfig(n_synthetic=40, sample_size=64, epochs=25, batch_size=16),
+        # ~840 steps at 48 px fit the 2-core budget (about 2-3 min); v-prediction with the cosine schedule gets
+        # the dark background and head-like shapes in that budget where epsilon-prediction gave grey noise
+        # (benchmarks/bench_diffusion.py, docs/benchmarks_diffusion.md)
+        diffusion=DiffusionConfig(
+            n_synthetic=40, sample_size=48, block_out_channels=(16, 32, 64, 64), attention=True,
+            beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction", epochs=60, batch_size=16, lr=1e-3,
+        ),
         student=StudentConfig(name="vit_mini", decoder_channels=64),
         distill=DistillConfig(epochs=15, batch_size=16),
         finetune=FinetuneConfig(epochs=40, batch_size=8),
