@@ -42,13 +42,15 @@ class TeacherConfig:
     lora_targets: tuple = ("qkv",)  # module names that get adapters (qkv, proj, fc1, fc2)
     lora_stages: Optional[tuple] = None  # stages (LiteMedSAM) or blocks (ViT) with adapters; None = all
     cache_prefix: bool = False  # compute the frozen stages before the first adapter once per image
+    cached_augmentations: int = 0  # with cache_prefix: augmented copies of each labeled case cached too
     head_channels: int = 64
-    epochs: int = 20
+    head_epochs: int = 40  # the head on the frozen encoder's cached embeddings (the baseline, cheap)
+    epochs: int = 20  # then adapters + head together (LoRA teacher)
     batch_size: int = 4
     lr: float = 1e-3
     weight_decay: float = 1e-4
     warmup_epochs: int = 1
-    augment: bool = True  # not possible with cache_prefix (the cached features are of the raw image)
+    augment: bool = True  # on-line augmentation; with cache_prefix use cached_augmentations instead
     grad_checkpointing: bool = False  # CUDA only
     amp: bool = True  # CUDA only
 
@@ -106,6 +108,7 @@ class DistillConfig:
 @dataclass
 class FinetuneConfig:
     epochs: int = 40
+    steps_per_epoch: int = 0  # 0: one pass over the labeled cases; > 0: that many batches per epoch
     batch_size: int = 8
     lr: float = 5e-4
     weight_decay: float = 0.01
@@ -144,7 +147,8 @@ def _smoke() -> Profile:
         data=DataConfig(image_size=32, max_train=24, max_val=6, max_test=6, phantom_cases=48),
         teacher=TeacherConfig(
             name="tiny", input_size=32, lora_rank=4, lora_alpha=8, lora_targets=("qkv", "proj"),
-            lora_stages=(1,), cache_prefix=True, augment=False, head_channels=16, epochs=2,
+            lora_stages=(1,), cache_prefix=True, cached_augmentations=1, augment=False, head_channels=16,
+            head_epochs=2, epochs=2,
             batch_size=4, lr=3e-3, warmup_epochs=0,
         ),
         diffusion=DiffusionConfig(
@@ -169,7 +173,8 @@ def _demo() -> Profile:
         teacher=TeacherConfig(
             name="litemedsam", input_size=256, lora_rank=8, lora_alpha=16,
             lora_targets=("qkv", "proj", "fc1", "fc2"), lora_stages=(3,), cache_prefix=True,
-            augment=False, epochs=15, batch_size=4, lr=1e-3, warmup_epochs=1,
+            augment=False, cached_augmentations=3, head_epochs=40, epochs=6, batch_size=2, lr=3e-3,
+            warmup_epochs=1,
         ),
         # ~840 steps at 48 px fit the 2-core budget (about 2-3 min); v-prediction with the cosine schedule gets
         # the dark background and head-like shapes in that budget where epsilon-prediction gave grey noise
@@ -179,8 +184,8 @@ def _demo() -> Profile:
             beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction", epochs=60, batch_size=16, lr=1e-3,
         ),
         student=StudentConfig(name="vit_mini", decoder_channels=64),
-        distill=DistillConfig(epochs=15, batch_size=16),
-        finetune=FinetuneConfig(epochs=40, batch_size=8),
+        distill=DistillConfig(epochs=12, batch_size=8, lr=1e-3),
+        finetune=FinetuneConfig(epochs=15, steps_per_epoch=10, batch_size=8, lr=1e-3, warmup_epochs=1),
     )
 
 

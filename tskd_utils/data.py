@@ -174,11 +174,20 @@ class ImageDataset(_Epoched, Dataset):
                 "index": i, "case": self.names[i]}
 
 
-def loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int = 0, drop_last: bool = False):
-    """A DataLoader whose shuffling follows the global torch seed (set per epoch by the trainer)."""
+def loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int = 0, drop_last: bool = False,
+           steps: int = 0):
+    """A DataLoader whose shuffling follows the global torch seed (set per epoch by the trainer).
+
+    ``steps > 0`` makes an epoch exactly ``steps`` batches drawn from repeated random permutations
+    (nnU-Net-style fixed-length epochs), so a handful of labeled cases still gets enough updates.
+    """
+    sampler = None
+    if steps and shuffle:
+        sampler = torch.utils.data.RandomSampler(dataset, replacement=False, num_samples=steps * batch_size)
+        shuffle, drop_last = False, True
     return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers, drop_last=drop_last,
-        persistent_workers=False, collate_fn=_collate,
+        dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, num_workers=num_workers,
+        drop_last=drop_last, persistent_workers=False, collate_fn=_collate,
         worker_init_fn=_worker_init if num_workers else None,
     )
 

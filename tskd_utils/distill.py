@@ -328,7 +328,7 @@ def finetune(run: Run, method: str, force: bool = False) -> dict:
                                    augment=f.augment, seed=run.seed)
     val_ds = SegmentationDataset(run.info, run.splits["val"], prof.data.image_size)
     dl = loader(train_ds, f.batch_size, shuffle=True, num_workers=prof.data.num_workers,
-                drop_last=len(train_ds) > f.batch_size)
+                drop_last=len(train_ds) > f.batch_size, steps=f.steps_per_epoch)
     steps = max(1, len(dl))
     opt = torch.optim.AdamW(student.parameters(), lr=f.lr, weight_decay=f.weight_decay)
     sched = warmup_cosine(opt, f.warmup_epochs * steps, f.epochs * steps)

@@ -152,6 +152,34 @@ def _loss_fn():
     return DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=True)
 
 
+def _variant_batches(n_cases: int, n_variants: int, batch_size: int):
+    """One epoch over the labeled cases, each seen once as a randomly chosen variant (the original or one
+    of its cached augmented copies); variants of case i are stored at i * n_variants + v."""
+    pick = torch.arange(n_cases) * n_variants + torch.randint(0, n_variants, (n_cases,))
+    pick = pick[torch.randperm(n_cases)].tolist()
+    for i in range(0, n_cases, batch_size):
+        yield pick[i:i + batch_size]
+
+
+def augmented_variants(ds: SegmentationDataset, copies: int, seed: int) -> tuple[list, list, list]:
+    """The labeled cases plus ``copies`` augmented versions of each (training augmentations, seeded):
+    (names, images, masks), variants of case i at i * (copies + 1) + v, v = 0 the original."""
+    from .data import build_transform
+
+    names, images, masks = [], [], []
+    transforms = [build_transform(True, seed * 1000 + k) for k in range(copies)]
+    for case, image, mask in zip(ds.cases, ds.images, ds.masks):
+        names.append(case)
+        images.append(image)
+        masks.append(mask)
+        for k, tf in enumerate(transforms):
+            out = tf(image=image, mask=mask)
+            names.append(f"{case}~aug{k}")
+            images.append(out["image"])
+            masks.append(out["mask"])
+    return names, images, masks
+
+
 def _batches(n: int, batch_size: int, shuffle: bool):
     order = torch.randperm(n).tolist() if shuffle else list(range(n))
     for i in range(0, n, batch_size):
@@ -183,38 +211,49 @@ def frozen_embeddings(encoder: TeacherEncoder, prefix: Optional[list], images: S
 
 def fit_head(head: torch.nn.Module, emb_train: torch.Tensor, train_masks: torch.Tensor, emb_val: torch.Tensor,
              val_masks: torch.Tensor, t, stage_dir: Path, seed: int, device: str, force: bool = False,
-             desc: str = "teacher: frozen encoder + head") -> list[dict]:
-    """Train a segmentation head on fixed embeddings (Dice + CE, AdamW, warm-up + cosine, best by val Dice)."""
+             desc: str = "teacher: frozen encoder + head", n_variants: int = 1) -> list[dict]:
+    """Train a segmentation head on fixed embeddings (Dice + CE, AdamW, warm-up + cosine, best by val Dice).
+
+    With ``n_variants > 1`` the embeddings hold each case's variants consecutively (see
+    :func:`augmented_variants`) and every epoch sees each case once, as a random variant.
+    """
     n_classes = head.classifier.out_channels
     loss_fn = _loss_fn()
-    steps = max(1, (len(emb_train) + t.batch_size - 1) // t.batch_size)
+    n_cases = len(emb_train) // n_variants
+    steps = max(1, (n_cases + t.batch_size - 1) // t.batch_size)
     opt = torch.optim.AdamW(head.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-    sched = warmup_cosine(opt, t.warmup_epochs * steps, t.epochs * steps)
+    sched = warmup_cosine(opt, t.warmup_epochs * steps, t.head_epochs * steps)
 
     def epoch_fn(epoch):
         head.train()
         total = 0.0
-        for idx in _batches(len(emb_train), t.batch_size, shuffle=True):
+        for idx in _variant_batches(n_cases, n_variants, t.batch_size):
             loss = loss_fn(head(emb_train[idx].to(device)), train_masks[idx][:, None].to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
             total += loss.item() * len(idx)
-        return {"loss": total / len(emb_train)}
+        return {"loss": total / n_cases}
 
     def val_fn():
         head.eval()
         return {"val_dice": _val_dice(lambda idx: head(emb_val[idx].to(device)), list(range(len(emb_val))),
                                       val_masks, n_classes, t.batch_size)}
 
-    stage = Stage(stage_dir, {"head": head}, opt, t.epochs, seed=seed, scheduler=sched, monitor="val_dice",
+    stage = Stage(stage_dir, {"head": head}, opt, t.head_epochs, seed=seed, scheduler=sched, monitor="val_dice",
                   desc=desc, force=force)
     return stage.run(epoch_fn, val_fn)
 
 
-def train_teacher(run: Run, force: bool = False, variants: Sequence[str] = ("frozen", "lora")) -> dict:
-    """Train the frozen-encoder baseline and the LoRA teacher; reuse them when finished."""
+def train_teacher(run: Run, force: bool = False) -> dict:
+    """Train the frozen-encoder baseline, then the LoRA teacher from it; reuse them when finished.
+
+    1. ``frozen``: the head is trained on the frozen encoder's embeddings, computed once
+       (``teacher.head_epochs``; cheap, so it is trained to convergence: the fair frozen baseline).
+    2. ``lora``: adapters are added and trained together with that head (``teacher.epochs``), i.e.
+       linear-probe-then-fine-tune, which keeps the expensive adapted epochs few.
+    """
     prof, t = run.profile, run.profile.teacher
     device, n_classes = run.device, run.info.n_classes
     out = run.teacher_dir
@@ -224,14 +263,20 @@ def train_teacher(run: Run, force: bool = False, variants: Sequence[str] = ("fro
         print(f"teacher finished earlier: reusing {out} (force=True retrains)")
         return read_json(metrics_path)
     if t.cache_prefix and t.augment:
-        print("note: teacher.cache_prefix is on, so the teacher trains without augmentation")
+        print(f"note: teacher.cache_prefix is on: augmentation is offline ({t.cached_augmentations} cached "
+              f"augmented copies per labeled case), not on-line")
 
     splits = run.splits
     train_ds = SegmentationDataset(run.info, splits["labeled"], t.input_size, train=not t.cache_prefix,
                                    augment=t.augment, seed=run.seed)
     val_ds = SegmentationDataset(run.info, splits["val"], t.input_size)
-    train_masks = torch.from_numpy(np.stack(train_ds.masks)).long()
     val_masks = torch.from_numpy(np.stack(val_ds.masks)).long()
+    # on the cached-prefix path augmentation is offline: a few augmented copies of each labeled case go
+    # through the frozen stages once, and every epoch picks one variant per case
+    copies = t.cached_augmentations if t.cache_prefix else 0
+    n_variants = copies + 1
+    train_names, train_images, train_mask_list = augmented_variants(train_ds, copies, run.seed)
+    train_masks = torch.from_numpy(np.stack(train_mask_list)).long()
 
     encoder = build_encoder(run).to(device)
     freeze(encoder)
@@ -246,33 +291,34 @@ def train_teacher(run: Run, force: bool = False, variants: Sequence[str] = ("fro
             encoder.fuse_prefix()
         cache = prefix_cache(run, encoder)
         t0 = time.perf_counter()
-        prefix_train = cache.get_many(train_ds.cases, train_ds.images, compute_prefix(encoder, device),
-                                      desc="teacher prefix (labeled)")
+        prefix_train = cache.get_many(train_names, train_images, compute_prefix(encoder, device),
+                                      desc=f"teacher prefix (labeled x{n_variants})")
         prefix_val = cache.get_many(val_ds.cases, val_ds.images, compute_prefix(encoder, device),
                                     desc="teacher prefix (val)")
         timings["prefix_seconds"] = round(time.perf_counter() - t0, 2)
 
     loss_fn = _loss_fn()
     steps_per_epoch = max(1, (len(train_ds) + t.batch_size - 1) // t.batch_size)
+    results["cached_augmentations"] = copies
 
     # ----- frozen encoder + head -------------------------------------------------------------
-    if "frozen" in variants:
-        t0 = time.perf_counter()  # the frozen encoder's embeddings never change: computed once
-        emb_train = frozen_embeddings(encoder, prefix_train, train_ds.images, device, t.batch_size)
-        emb_val = frozen_embeddings(encoder, prefix_val, val_ds.images, device, t.batch_size)
-        head = SegHead(encoder.embed_dim, n_classes, encoder.grid, encoder.input_size, t.head_channels).to(device)
-        hist = fit_head(head, emb_train, train_masks, emb_val, val_masks, t, out / "frozen", run.seed, device,
-                        force=force)
-        save_weights(out / "frozen_head.safetensors", {"head": head})
-        results["frozen_val_dice"] = max(r["val_dice"] for r in hist)
-        timings["frozen_seconds"] = round(time.perf_counter() - t0, 2)
-        del emb_train, emb_val
+    t0 = time.perf_counter()  # the frozen encoder's embeddings never change: computed once
+    emb_train = frozen_embeddings(encoder, prefix_train, train_images, device, t.batch_size)
+    emb_val = frozen_embeddings(encoder, prefix_val, val_ds.images, device, t.batch_size)
+    head = SegHead(encoder.embed_dim, n_classes, encoder.grid, encoder.input_size, t.head_channels).to(device)
+    hist = fit_head(head, emb_train, train_masks, emb_val, val_masks, t, out / "frozen", run.seed, device,
+                    force=force, n_variants=n_variants)
+    save_weights(out / "frozen_head.safetensors", {"head": head})
+    results["frozen_val_dice"] = max(r["val_dice"] for r in hist)
+    timings["frozen_seconds"] = round(time.perf_counter() - t0, 2)
+    del emb_train, emb_val
 
     # ----- LoRA encoder + head ---------------------------------------------------------------
     t0 = time.perf_counter()
     peft_model = add_lora(run, encoder)
     lora_encoder: TeacherEncoder = peft_model.get_base_model()
     model = TeacherSegmenter(lora_encoder, n_classes, t.head_channels).to(device)
+    model.head.load_state_dict(head.state_dict())  # start from the trained frozen-encoder head
     if t.grad_checkpointing and device.startswith("cuda"):
         if hasattr(lora_encoder, "vit"):
             lora_encoder.vit.set_grad_checkpointing(True)
@@ -298,7 +344,7 @@ def train_teacher(run: Run, force: bool = False, variants: Sequence[str] = ("fro
         bn_eval(model.encoder)  # the frozen base keeps its BatchNorm statistics
         train_ds.set_epoch(epoch)
         total, n = 0.0, 0
-        batches = ((idx, None) for idx in _batches(len(train_ds), t.batch_size, shuffle=True)) if t.cache_prefix \
+        batches = ((idx, None) for idx in _variant_batches(len(train_ds), n_variants, t.batch_size)) if t.cache_prefix \
             else ((b["index"].tolist(), b) for b in train_loader)
         for idx, batch in batches:
             with autocast(device, t.amp):

@@ -77,7 +77,7 @@ ORGAN_ELONGATION = (0.5, 1.0)  # minor / major semi-axis
 ORGAN_MIN_MINOR_AXIS = 0.06
 ORGAN_HARMONICS = np.arange(2, 6)  # Fourier harmonics of the radius (k = 1 would only translate)
 HARMONIC_AMPLITUDE = 0.18  # amplitude of harmonic k is uniform in +-HARMONIC_AMPLITUDE / k
-CAPSULE_THICKNESS = (0.010, 0.020)  # 2.5 .. 5 px at 256
+CAPSULE_THICKNESS = (0.025, 0.040)  # 6.4 .. 10 px at 256 (3 .. 5 px at the demo student's 128)
 
 FRAME_SHIFT_SD = 0.012  # probe motion between frames
 FRAME_ROTATION_SD = 0.05  # rad, organ rotation between frames
