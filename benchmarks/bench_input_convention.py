@@ -25,7 +25,7 @@ import torch
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run-dir", type=Path, required=True)
-    ap.add_argument("--epochs", type=int, default=15)
+    ap.add_argument("--epochs", type=int, default=40)
     args = ap.parse_args()
     from tskd_utils import teacher
     from tskd_utils.data import SegmentationDataset
@@ -33,11 +33,11 @@ def main() -> None:
     from tskd_utils.run import load_run
 
     run = load_run(args.run_dir)
-    t = replace(run.profile.teacher, epochs=args.epochs)
+    t = replace(run.profile.teacher, head_epochs=args.epochs)
     train = SegmentationDataset(run.info, run.splits["labeled"], t.input_size)
     val = SegmentationDataset(run.info, run.splits["val"], t.input_size)
     masks = [torch.from_numpy(np.stack(d.masks)).long() for d in (train, val)]
-    print(f"{run.dataset}: {len(train)} labeled, {len(val)} validation cases, head trained {t.epochs} epochs")
+    print(f"{run.dataset}: {len(train)} labeled, {len(val)} validation cases, head trained {t.head_epochs} epochs")
     for convention in ("minmax", "imagenet"):
         t0 = time.perf_counter()
         enc = freeze(teacher.build_encoder(run))

@@ -169,7 +169,7 @@ def _demo() -> Profile:
         description="a laptop or 2-core CPU, no GPU, no network: LiteMedSAM teacher, small student, 128 px",
         default_n_labeled=20,
         device="auto",
-        data=DataConfig(image_size=128, max_train=220, max_val=40, max_test=100, phantom_cases=160),
+        data=DataConfig(image_size=128, max_train=220, max_val=40, max_test=100, phantom_cases=144),
         teacher=TeacherConfig(
             name="litemedsam", input_size=256, lora_rank=8, lora_alpha=16,
             lora_targets=("qkv", "proj", "fc1", "fc2"), lora_stages=(3,), cache_prefix=True,
@@ -184,7 +184,7 @@ def _demo() -> Profile:
             beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction", epochs=60, batch_size=16, lr=1e-3,
         ),
         student=StudentConfig(name="vit_mini", decoder_channels=64),
-        distill=DistillConfig(epochs=12, batch_size=8, lr=1e-3),
+        distill=DistillConfig(epochs=10, batch_size=8, lr=1e-3),
         finetune=FinetuneConfig(epochs=15, steps_per_epoch=10, batch_size=8, lr=1e-3, warmup_epochs=1),
     )
 

@@ -46,20 +46,27 @@ def count_flops(model: torch.nn.Module, example: torch.Tensor) -> Optional[int]:
         return None
 
 
-def latency_ms(model: torch.nn.Module, example: torch.Tensor, repeats: int = 20, warmup: int = 3) -> float:
-    """Median wall time of a batch-1 forward pass, after warm-up (CUDA: synchronised)."""
+def latency_ms(model: torch.nn.Module, example: torch.Tensor, repeats: int = 20, warmup: int = 3,
+               budget_s: float = 8.0) -> float:
+    """Median wall time of a batch-1 forward pass, after warm-up (CUDA: synchronised).
+
+    Slow models get fewer repeats (at least 5) so that one measurement takes about ``budget_s``.
+    """
     cuda = example.device.type == "cuda"
-    times = []
+
+    def once() -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        model(example)
+        if cuda:
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t0) * 1000
+
     with torch.inference_mode():
-        for i in range(warmup + repeats):
-            if cuda:
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            model(example)
-            if cuda:
-                torch.cuda.synchronize()
-            if i >= warmup:
-                times.append((time.perf_counter() - t0) * 1000)
+        first = min(once() for _ in range(max(1, warmup)))
+        repeats = max(5, min(repeats, int(budget_s * 1000 / max(first, 1e-3))))
+        times = [once() for _ in range(repeats)]
     return float(np.median(times))
 
 
