@@ -30,6 +30,10 @@ def test_notebook_contract(name):
     assigned = {t.id for node in ast.parse("".join(tagged[0]["source"])).body if isinstance(node, ast.Assign)
                 for t in node.targets if isinstance(t, ast.Name)}
     assert PARAMETERS <= assigned
+    # papermill must parse every parameter line itself (an "=" in a comment makes it skip the
+    # line with "Unable to parse line" and report the parameter as unknown)
+    import papermill
+    assert PARAMETERS <= set(papermill.inspect_notebook(str(path)))
     for c in cells:
         if c["cell_type"] == "code":
             assert not c.get("outputs") and c.get("execution_count") is None, "outputs must be stripped"
