@@ -41,6 +41,21 @@ def run_name(dataset: str, n_labeled: int, seed: int) -> str:
     return f"{dataset}_n{n_labeled}_s{seed}"
 
 
+def _kernel_manager_class():
+    """Local kernels over Unix sockets where possible: a TCP kernel without CurveZMQ keys prints a
+    plain-text-transport warning for every notebook (ipykernel >= 7); Windows has no IPC sockets."""
+    if sys.platform == "win32":
+        return None
+    from jupyter_client.manager import AsyncKernelManager
+
+    class IPCKernelManager(AsyncKernelManager):
+        def __init__(self, **kwargs):
+            kwargs.setdefault("transport", "ipc")
+            super().__init__(**kwargs)
+
+    return IPCKernelManager
+
+
 def execute_run(run_dir: Path, params: dict, notebooks_dir: Path, methods: Sequence[str], label: str,
                 log_output: bool = False) -> dict:
     """Execute the notebooks of one run, skipping those that finished; returns its status."""
@@ -51,6 +66,7 @@ def execute_run(run_dir: Path, params: dict, notebooks_dir: Path, methods: Seque
     status_path = run_dir / "status.json"
     status = read_json(status_path) if status_path.is_file() else {"notebooks": {}}
     start = time.perf_counter()
+    kernel = {"kernel_manager_class": km} if (km := _kernel_manager_class()) else {}
     for nb in NOTEBOOKS:
         if status["notebooks"].get(nb, {}).get("state") == "done":
             continue
@@ -62,7 +78,7 @@ def execute_run(run_dir: Path, params: dict, notebooks_dir: Path, methods: Seque
         try:
             pm.execute_notebook(str(notebooks_dir / f"{nb}.ipynb"), str(out_dir / f"{nb}.ipynb"), parameters=p,
                                 cwd=str(notebooks_dir), kernel_name="python3", progress_bar=False,
-                                log_output=log_output)
+                                log_output=log_output, **kernel)
         except Exception as e:  # papermill re-raises the cell's error; keep it and stop this run
             err = getattr(e, "ename", type(e).__name__) + ": " + str(getattr(e, "evalue", e)).strip()[:500]
             status["notebooks"][nb] = {"state": "failed", "error": err, "seconds": round(time.perf_counter() - t0, 1)}
