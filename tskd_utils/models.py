@@ -122,7 +122,6 @@ class LiteMedSAMEncoder(TeacherEncoder):
         if pretrained:
             full.load_state_dict(load_litemedsam_state())
         self.encoder = full.image_encoder
-        self.mask_decoder_state = None
         self._prefix_fused = False
 
     @property
