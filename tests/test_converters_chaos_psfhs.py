@@ -376,3 +376,74 @@ def test_chaos_and_psfhs_to_gray_helpers():
     rgb = np.stack([np.full((4, 4), 10), np.full((4, 4), 20), np.full((4, 4), 30)], axis=-1).astype(np.uint8)
     assert psfhs.to_gray_uint8(rgb, Path("x.mha"))[0, 0] == round(10 * 0.299 + 20 * 0.587 + 30 * 0.114)
     assert psfhs.to_gray_uint8(np.full((4, 4), 1000, np.int16), Path("x.mha")).max() == 0  # constant -> 0
+
+
+# ------------------------------------------------- mask forms, implausible masks, 16-bit (issue 17)
+def write_form(path: Path, fg: np.ndarray, form: str) -> None:
+    if form == "1bit":
+        Image.fromarray(fg).save(path)
+    elif form == "palette":  # a grey palette whose index 0 is white: the values shown count
+        im = Image.fromarray((~fg).astype(np.uint8), mode="P")
+        im.putpalette([255, 255, 255, 0, 0, 0] + [0] * 762)
+        im.save(path)
+    else:
+        write_png(path, np.stack([fg * 255] * 3, axis=-1) if form == "rgb" else fg * 1)
+
+
+@pytest.mark.parametrize("form", ["1bit", "L01", "palette", "rgb"])
+def test_chaos_ct_ground_in_any_binary_form(tmp_path, form):
+    raw = make_ct(tmp_path / "raw", patients=(("1", 3),))
+    for png in (raw / "Train_Sets" / "CT" / "1" / "Ground").glob("*.png"):
+        write_form(png, np.array(Image.open(png)) > 0, form)
+    info = load_dataset(prepare("chaos", raw, tmp_path / "data"))
+    for c in info.cases:
+        k = int(c.case.rsplit("_", 1)[1])
+        assert int(load_case(info, c)[1][:, 8].sum()) == k + 1, (form, c.case)  # not silently empty
+
+
+def test_chaos_mr_binary_ground_is_ambiguous_and_refused(tmp_path):
+    raw = make_mr(tmp_path / "raw")
+    bad = raw / "Train_Sets" / "MR" / "3" / "T2SPIR" / "Ground" / "IMG-0002-00002.png"
+    write_png(bad, (np.array(Image.open(bad)) > 0).astype(np.uint8))  # 0/1: not CHAOS MR values
+    with pytest.raises(DataError, match=r"IMG-0002-00002\.png.*0/1"):
+        prepare("chaos", raw, tmp_path / "data", modality="mr")
+    assert leftovers(tmp_path / "data") == []
+
+
+def test_chaos_inverted_ground_is_refused(tmp_path):
+    raw = make_ct(tmp_path / "raw", patients=(("1", 3),))
+    bad = raw / "Train_Sets" / "CT" / "1" / "Ground" / "liver_GT_001.png"
+    write_png(bad, 255 - ct_mask(1))
+    with pytest.raises(DataError, match=r"liver_GT_001\.png.*is the mask inverted\?"):
+        prepare("chaos", raw, tmp_path / "data")
+    assert leftovers(tmp_path / "data") == []
+
+
+def test_psfhs_inverted_label_is_refused(tmp_path):
+    raw = make_psfhs_png(tmp_path / "raw")
+    lab = np.full((SIZE, SIZE), 2, np.uint8)
+    lab[6:9, 6:9] = 0
+    write_png(raw / "labels" / "00001.png", lab)
+    with pytest.raises(DataError, match=r"00001\.png.*is the mask inverted\?"):
+        prepare("psfhs", raw, tmp_path / "data")
+    assert leftovers(tmp_path / "data") == []
+
+
+def test_psfhs_palette_label_png_uses_its_indices(tmp_path):
+    raw = make_psfhs_png(tmp_path / "raw")
+    im = Image.fromarray(psfhs_label(2), mode="P")
+    im.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0] + [0] * 759)  # coloured (VOC style): index = class
+    im.save(raw / "labels" / "00002.png")
+    info = load_dataset(prepare("psfhs", raw, tmp_path / "data"))
+    np.testing.assert_array_equal(load_case(info, info.case("00002"))[1], psfhs_label(2))
+
+
+def test_psfhs_wide_image_is_windowed_by_percentiles(capsys, monkeypatch):
+    from tskd_utils import io
+
+    monkeypatch.setattr(io, "_notes_seen", set())  # no note printed yet in this "conversion"
+    arr = np.tile(np.linspace(-500, 1500, SIZE), (SIZE, 1)).astype(np.int16)
+    arr[3, 3] = 30000  # one bright outlier must not black out the image
+    gray = psfhs.to_gray_uint8(arr, Path("x.mha"))
+    assert gray[3, 3] == 255 and 100 <= np.median(gray) <= 155
+    assert "percentile" in capsys.readouterr().out

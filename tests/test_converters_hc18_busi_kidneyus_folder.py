@@ -421,7 +421,7 @@ def build(name: str, root: Path) -> Raw:
     if name == "busi":
         make_busi(raw)
         top = raw / busi.TOP / "malignant"
-        return Raw(name, raw, "busi", top / "malignant (2).png", top / "malignant (2)_mask.png", 4, _bad((1, 1)))
+        return Raw(name, raw, "busi", top / "malignant (2).png", top / "malignant (2)_mask.png", 4, _bad((1, 100)))
     if name == "kidneyus":
         make_kidneyus(raw, unlabelled=0)
         last = sorted(KIDNEY_NAMES)[-1]
@@ -580,6 +580,86 @@ def test_prepare_script_runs_as_a_program(tmp_path):
     assert "wrote 4 cases (3 subjects" in ok.stdout
     again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert again.returncode != 0 and "already exists" in again.stderr and "--overwrite" in again.stderr
+
+
+# ================================================ mask forms, implausible masks, duplicates (issue 17)
+FORMS = ["L01", "L255", "1bit", "rgb", "palette"]
+
+
+def mask_paths(r: Raw) -> list:
+    if r.name == "busi":
+        return sorted((r.raw / busi.TOP).rglob("*_mask*.png"))
+    if r.name == "kidneyus":
+        return sorted((r.raw / "labels").rglob("capsule/*.png"))
+    return sorted((r.raw / "masks").glob("*.png"))
+
+
+def write_form(path: Path, fg: np.ndarray, form: str) -> None:
+    """Save the bool foreground ``fg`` as a 0/1 or 0/255 grey, 1-bit, RGB or palette PNG."""
+    if form == "1bit":
+        Image.fromarray(fg).save(path)
+    elif form == "rgb":
+        save(path, np.stack([fg * 255] * 3, axis=-1))
+    elif form == "palette":  # index 0 is white: what the image shows counts, not the index
+        im = Image.fromarray((~fg).astype(np.uint8), mode="P")
+        im.putpalette([255, 255, 255, 0, 0, 0] + [0] * 762)
+        im.save(path)
+    else:
+        save(path, fg * (1 if form == "L01" else 255))
+
+
+def convert_with_masks_as(name: str, root: Path, form: str):
+    r = build(name, root)
+    if name == "folder":
+        r.options = {"classes": "background,organ"}  # binary masks: two classes
+    for p in mask_paths(r):
+        write_form(p, np.array(Image.open(p).convert("L")) > 0, form)
+    return load_dataset(r.prepare(root / "data"))
+
+
+@pytest.mark.parametrize("name", CONVERTERS)
+def test_binary_masks_in_any_unambiguous_form_are_accepted(name, tmp_path):
+    ref = convert_with_masks_as(name, tmp_path / "ref", "L01")
+    assert mask_values(ref) == {0, 1}
+    for form in FORMS[1:]:
+        got = convert_with_masks_as(name, tmp_path / form, form)
+        assert [c.case for c in got.cases] == [c.case for c in ref.cases]
+        for a, b in zip(ref.cases, got.cases):
+            assert np.array_equal(load_case(ref, a)[1], load_case(got, b)[1]), (form, a.case)
+
+
+@pytest.mark.parametrize("kind", ["inverted", "frame"])
+@pytest.mark.parametrize("name", CONVERTERS)
+def test_implausible_mask_is_refused_with_the_file_named(name, kind, tmp_path):
+    r = build(name, tmp_path)
+    m = np.array(Image.open(r.mask).convert("L"))
+    if kind == "inverted":
+        bad = np.where(m > 0, 0, m.max())
+    else:  # foreground on every border, about 60 % of the image
+        bad = np.full((H, W), m.max(), np.uint8)
+        bad[10:-10, 12:-12] = 0
+    save(r.mask, bad)
+    with pytest.raises(DataError, match=r"is the mask inverted\?") as e:
+        r.prepare(tmp_path / "data")
+    assert str(r.mask) in str(e.value)
+    assert_nothing_left(tmp_path / "data", r.folder)
+    if name == "folder":  # the user's own data may really look like this: an explicit opt-out
+        info = load_dataset(r.prepare(tmp_path / "data", allow_large_foreground=True))
+        assert len(info.cases) == r.n_cases
+
+
+def test_busi_duplicate_case_numbers_are_refused(tmp_path):
+    raw = make_busi(tmp_path / "raw")
+    top = raw / busi.TOP / "benign"
+    save(top / "benign (02).png", noise(7))
+    save(top / "benign (02)_mask.png", ellipse(20, 20, 6, 8) * 255)
+    with pytest.raises(DataError, match=r"case number 2") as e:
+        busi.prepare(raw, tmp_path / "data")
+    assert str(top / "benign (2).png") in str(e.value) and str(top / "benign (02).png") in str(e.value)
+    (top / "benign (02).png").unlink()  # a duplicate mask number alone is refused as well
+    with pytest.raises(DataError, match=r"benign \(02\)_mask\.png"):
+        busi.prepare(raw, tmp_path / "data")
+    assert_nothing_left(tmp_path / "data", "busi")
 
 
 # ================================================================================ the real data

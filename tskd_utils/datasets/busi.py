@@ -21,7 +21,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..io import DataError, DatasetWriter, read_image, read_mask
+from ..io import DataError, DatasetWriter, binary_foreground, check_plausible_mask, read_image, read_mask, safe_join
 from .folder import RawCase, add_workers_argument, check_raw_dir, write_cases
 
 DESCRIPTION = "BUSI breast ultrasound (benign/malignant [+ normal]) -> OUT/busi (background, lesion)."
@@ -84,10 +84,13 @@ def find_cases(raw, include_normal: bool = False) -> list:
                 continue
             number = int(m.group(2))
             if m.group(3) is None:
-                images[number] = p
+                group, key = images, number
             else:
-                extra = int(m.group(4)) if m.group(4) is not None else 0
-                masks.setdefault(number, {})[extra] = p
+                group, key = masks.setdefault(number, {}), int(m.group(4)) if m.group(4) is not None else 0
+            if key in group:  # "benign (3)" and "benign (03)": one case number, two files
+                raise DataError(f"{group[key]} and {p} have the same case number {number}"
+                                + (f" (mask {key})" if group is not images else "") + "; keep one of them")
+            group[key] = p
         if not images:
             raise DataError(f"no BUSI images ('{cls} (N).png') in {folder}; expected {EXPECTED}")
         for number, group in sorted(masks.items()):
@@ -110,17 +113,13 @@ def find_cases(raw, include_normal: bool = False) -> list:
 def read_lesion_mask(path: Path, shape: tuple) -> np.ndarray:
     """One BUSI mask file -> bool lesion mask.
 
-    BUSI masks are 0/255 (some are stored as RGB or RGBA with equal colour channels). Lesion =
-    value > 127: a mid-grey threshold, so anti-aliased or resampled edges do not widen the lesion.
-    A mask with non-zero values but none above 127 (e.g. one re-saved as 0/1) is an error rather
-    than an empty lesion.
+    BUSI masks are 0/255 (some stored as RGB/RGBA with equal colour channels, some copies as 1-bit
+    or palette PNGs); 0/1 masks are accepted too. Otherwise lesion = value > 127: a mid-grey
+    threshold, so anti-aliased or resampled edges do not widen the lesion. A mask whose values fit
+    none of these, or that looks inverted, is an error naming the file.
     """
-    arr = read_mask(path, shape=shape)  # checks the size and that colour channels agree
-    lesion = arr > LESION_THRESHOLD
-    if not lesion.any() and arr.any():
-        values = np.unique(arr)[:10].tolist()
-        raise DataError(f"{path}: mask values {values} are not valid: expected 0 (background) and "
-                        f"255 (lesion); nothing is above {LESION_THRESHOLD}")
+    lesion = binary_foreground(read_mask(path, shape=shape), path, threshold=LESION_THRESHOLD)
+    check_plausible_mask(lesion, path)
     return lesion
 
 
@@ -142,7 +141,7 @@ def prepare(raw, out, overwrite: bool = False, include_normal: bool = False,
         f"{n_multi} images have several mask files (_mask, _mask_1, ...), OR-ed into one lesion mask; "
         f"lesion = mask value > {LESION_THRESHOLD}; images converted from RGB to grayscale; "
         + ("normal images (empty masks) included" if include_normal else "normal images left out")))
-    target = Path(out) / FOLDER
+    target = safe_join(out, FOLDER)
     with DatasetWriter(target, meta, overwrite=overwrite) as writer:
         write_cases(writer, cases, load, workers=workers, desc="busi")
     return target

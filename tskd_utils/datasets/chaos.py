@@ -49,7 +49,9 @@ Intensities:
 Labels (Ground PNGs): CT 0 / 255 -> background / liver. MR 63 liver, 126 right kidney, 189 left
 kidney, 252 spleen. A value within +-LABEL_TOLERANCE of a class value maps to that class (0..5 is
 background); any other value raises a DataError naming the file and the values, since it means a
-file that is not a CHAOS ground truth (or a resampled one).
+file that is not a CHAOS ground truth (or a resampled one). A CT mask stored as 0/1 (e.g. a 1-bit
+PNG) is read as background/liver; for MR, 0/1 is ambiguous and refused. A mask that looks inverted
+(foreground over most of the slice or of its borders) is refused.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..io import DataError, DatasetWriter, read_label_array
+from ..io import DataError, DatasetWriter, check_plausible_mask, mask_values, read_label_array, safe_join
 
 DESCRIPTION = ("CHAOS challenge training set (Zenodo 3431873): CT liver or MR T2-SPIR liver/kidneys/spleen, "
                "every DICOM slice a case, grouped by patient")
@@ -214,6 +216,11 @@ def read_ground(path: Path, shape: tuple) -> np.ndarray:
 
 def map_labels(arr: np.ndarray, values: list, path: Path) -> np.ndarray:
     """Published grey values (+-LABEL_TOLERANCE) -> class indices; anything else is a DataError."""
+    if set(mask_values(arr)) == {0, 1}:  # a binary mask (e.g. a 1-bit PNG): 1 is not "0 +- tolerance"
+        if len(values) == 2:
+            return np.asarray(arr).astype(np.uint8)
+        raise DataError(f"{path}: mask values 0/1 form a binary mask, but this CHAOS ground truth has "
+                        f"{len(values) - 1} organs ({', '.join(map(str, values[1:]))}); which organ is 1?")
     arr = np.asarray(arr).astype(np.int64)
     out = np.zeros(arr.shape, np.uint8)
     known = np.zeros(arr.shape, bool)
@@ -285,7 +292,7 @@ def prepare(raw, out, overwrite: bool = False, modality: str = "ct", skip_empty:
         ) + f"; slices paired with Ground PNGs by {slice_order} order"
             + ("; empty-mask slices dropped" if skip_empty else "; all slices kept"),
     }
-    target = Path(out) / meta["name"]
+    target = safe_join(out, meta["name"])
     with DatasetWriter(target, meta, overwrite=overwrite) as writer:
         for patient in tqdm(patients, desc=f"CHAOS {modality.upper()}", unit="patient"):
             series_dir, ground_dir = patient.joinpath(*spec["series"]), patient.joinpath(*spec["ground"])
@@ -299,6 +306,7 @@ def prepare(raw, out, overwrite: bool = False, modality: str = "ct", skip_empty:
             subject = f"{modality}_{patient.name}"
             for index, ((s, png), image) in enumerate(zip(pairs, images)):
                 mask = map_labels(read_ground(png, image.shape), spec["values"], png)
+                check_plausible_mask(mask, png)
                 if skip_empty and not mask.any():
                     continue
                 writer.add_case(f"{subject}_{index:03d}", subject, image, mask, spacing_mm=s["spacing"],

@@ -3,9 +3,11 @@
 This is the converter for users' own data (and for sets such as Autooral that already come as
 image/mask pairs). Images and masks are matched by file stem; a mask may carry a suffix
 (``--mask-suffix _mask``: ``img01.png`` <-> ``img01_mask.png``). Masks hold class indices
-(0 = background, 1..K-1 = the classes named by ``--classes``); ``--binarize`` turns 0/255 masks
-into 0/1. Subjects come from ``--subjects CSV`` (columns ``case,subject``), else each case is its
-own subject.
+(0 = background, 1..K-1 = the classes named by ``--classes``); with two classes, 0/1 and 0/255
+masks are both read as binary (in any PNG form: grey, 1-bit, RGB, palette); ``--binarize`` turns
+any mask into 0/1 (value > 0). A mask whose foreground covers more than 90 % of the image or most
+of 3 or 4 of its borders is refused as probably inverted, unless ``--allow-large-foreground``.
+Subjects come from ``--subjects CSV`` (columns ``case,subject``), else each case is its own subject.
 
 Where the folders are (decided in this order):
 
@@ -34,7 +36,8 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
-from ..io import DataError, DatasetWriter, read_image, read_mask
+from ..io import (DataError, DatasetWriter, binary_foreground, check_name, check_plausible_mask, read_image, read_mask,
+                  safe_join)
 
 DESCRIPTION = ("Bring your own dataset: a folder of images and a folder of masks (class index per pixel) "
                "with matching file names -> the common format.")
@@ -196,7 +199,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--subjects", type=Path, default=None,
                         help="CSV with columns case,subject for grouped splits (default: each case its own subject)")
     parser.add_argument("--binarize", action="store_true",
-                        help="mask > 0 -> 1 (for 0/255 masks); needs exactly two classes")
+                        help="mask > 0 -> 1 whatever the values (0/1 and 0/255 masks need no flag); "
+                             "needs exactly two classes")
+    parser.add_argument("--allow-large-foreground", action="store_true",
+                        help="accept masks whose foreground covers most of the image or of its borders "
+                             "(refused by default: usually an inverted mask)")
     parser.add_argument("--modality", default="unspecified", help="e.g. ultrasound, CT, MRI, photograph")
     parser.add_argument("--license", default="unspecified (user-supplied data)", help="the data's licence")
     parser.add_argument("--citation", default="", help="how to cite the data")
@@ -213,6 +220,8 @@ def _parse_classes(classes) -> list:
                         f"(index = mask value, 0 = background), got {classes!r}")
     if len(set(names)) != len(names):
         raise DataError(f"--classes has duplicate names: {classes!r}")
+    for n in names:
+        check_name(n, "class name", "--classes")
     if len(names) > 255:
         raise DataError(f"--classes lists {len(names)} classes; an 8-bit mask holds at most 255")
     return names
@@ -221,7 +230,8 @@ def _parse_classes(classes) -> list:
 def prepare(raw, out, overwrite: bool = False, images=None, masks=None, mask_suffix: str = "",
             classes=None, dataset_name: str = "custom", subjects=None, binarize: bool = False,
             modality: str = "unspecified", license: str = "unspecified (user-supplied data)",
-            citation: str = "", source: str = "user-supplied", workers: Optional[int] = None) -> Path:
+            citation: str = "", source: str = "user-supplied", workers: Optional[int] = None,
+            allow_large_foreground: bool = False) -> Path:
     class_names = _parse_classes(classes)
     if binarize and len(class_names) != 2:
         raise DataError(f"--binarize makes 0/1 masks, so --classes must name exactly two classes, got {class_names}")
@@ -273,9 +283,14 @@ def prepare(raw, out, overwrite: bool = False, images=None, masks=None, mask_suf
 
     def load(c: RawCase) -> tuple:
         image = read_image(c.image)
-        mask = read_mask(c.masks[0], n_classes=None if binarize else n_classes, shape=image.shape)
+        path = c.masks[0]
+        mask = read_mask(path, n_classes=None if binarize or n_classes == 2 else n_classes, shape=image.shape)
         if binarize:
             mask = (mask > 0).astype(np.uint8)
+        elif n_classes == 2:  # 0/1 or 0/255
+            mask = binary_foreground(mask, path).astype(np.uint8)
+        if not allow_large_foreground:
+            check_plausible_mask(mask, path)
         seen[np.unique(mask)] = True
         return image, mask
 
@@ -284,9 +299,10 @@ def prepare(raw, out, overwrite: bool = False, images=None, masks=None, mask_suf
         "citation": citation, "source": source,
         "notes": (f"converted with data_scripts/prepare_folder.py from {images} and {masks}"
                   + ("; masks binarized (> 0 -> 1)" if binarize else "")
+                  + ("; large-foreground masks allowed" if allow_large_foreground else "")
                   + ("; subjects from " + str(subjects) if subjects is not None else "; each case is its own subject")),
     }
-    target = Path(out) / name
+    target = safe_join(out, name)
     with DatasetWriter(target, meta, overwrite=overwrite) as writer:
         write_cases(writer, cases, load, workers=workers, desc=name)
     missing = [class_names[i] for i in range(1, n_classes) if not seen[i]]

@@ -34,7 +34,7 @@ from typing import Optional
 import numpy as np
 from scipy import ndimage
 
-from ..io import DataError, DatasetWriter, read_image, read_mask
+from ..io import DataError, DatasetWriter, binary_foreground, check_plausible_mask, read_image, read_mask, safe_join
 from .folder import RawCase, add_workers_argument, check_raw_dir, write_cases
 
 DESCRIPTION = "HC18 fetal head ultrasound (training set, 999 images) -> OUT/hc18 (background, fetal head)."
@@ -224,16 +224,6 @@ def fill_outline(outline: np.ndarray, source: str = "") -> np.ndarray:
     return out
 
 
-def binary_mask_values(mask: np.ndarray, path: Path) -> np.ndarray:
-    """A filled 0/255 (or 0/1) mask -> bool; other values are a DataError naming the file."""
-    counts = np.bincount(mask.ravel(), minlength=256)  # much faster than np.unique on uint8
-    values = set(np.flatnonzero(counts).tolist())
-    if values <= {0, 255} or values <= {0, 1}:
-        return mask > 0
-    raise DataError(f"{path}: mask values {sorted(values)[:10]} are not valid: expected a filled 0/255 "
-                    f"(or 0/1) head mask")
-
-
 def check_area(head: np.ndarray, pixel_mm: float, hc_mm: Optional[float], path: Path) -> None:
     if hc_mm is None:
         return
@@ -258,8 +248,9 @@ def prepare(raw, out, overwrite: bool = False, max_cases: Optional[int] = None,
         if layout == "official":
             # outline pixels: anything above 0 (an anti-aliased edge still counts, so no gap opens)
             head = fill_outline(raw_mask > 0, source=str(mask_path))
-        else:
-            head = binary_mask_values(raw_mask, mask_path)
+        else:  # filled: 0/1 or 0/255, as grey, 1-bit, RGB or palette PNG
+            head = binary_foreground(raw_mask, mask_path)
+        check_plausible_mask(head, mask_path)
         pixel_mm, hc_mm = spacing[c.image.name]
         check_area(head, pixel_mm, hc_mm, mask_path)
         return image, head.astype(np.uint8)
@@ -271,7 +262,7 @@ def prepare(raw, out, overwrite: bool = False, max_cases: Optional[int] = None,
            else "masks were already filled in the source copy")
         + f"; every head area checked against the CSV's circumference (ratio {AREA_RATIO_RANGE[0]}.."
         f"{AREA_RATIO_RANGE[1]})"))
-    target = Path(out) / FOLDER
+    target = safe_join(out, FOLDER)
     with DatasetWriter(target, meta, overwrite=overwrite) as writer:
         write_cases(writer, cases, load, workers=workers, desc="hc18")
     return target

@@ -33,7 +33,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..io import DataError, DatasetWriter, read_image, read_mask
+from ..io import DataError, DatasetWriter, binary_foreground, check_plausible_mask, read_image, read_mask, safe_join
 from .folder import IMAGE_EXTS, RawCase, add_workers_argument, check_raw_dir, index_by_stem, list_files, write_cases
 
 DESCRIPTION = ("KidneyUS (Open Kidney Ultrasound) images + the repo's reviewed masks -> OUT/kidneyus_<target> "
@@ -105,19 +105,18 @@ def find_cases(raw, target: str = "capsule", annotator: int = 1) -> tuple[list, 
 
 
 def to_class_mask(arr: np.ndarray, target: str, path: Path) -> np.ndarray:
-    values = set(np.unique(arr).tolist())
+    """Capsule: a binary mask (0/1 or 0/255, any PNG form) -> 0/1; regions: values 0..3 kept.
+    A mask that looks inverted is refused."""
     if target == "capsule":
-        if values <= {0, 1}:
-            return arr.astype(np.uint8)
-        if values <= {0, 255}:
-            return (arr > 0).astype(np.uint8)
-        raise DataError(f"{path}: capsule mask values {sorted(values)[:10]} are not valid class indices: "
-                        f"expected 0/1 (or 0/255)")
-    bad = sorted(v for v in values if v > 3)
-    if bad:
-        raise DataError(f"{path}: region mask values {bad[:10]} are not valid class indices 0..3 "
-                        f"(background, central echo complex, medulla, cortex)")
-    return arr.astype(np.uint8)
+        mask = binary_foreground(arr, path).astype(np.uint8)
+    else:
+        bad = [v for v in np.unique(arr).tolist() if v > 3]
+        if bad:
+            raise DataError(f"{path}: region mask values {bad[:10]} are not valid class indices 0..3 "
+                            f"(background, central echo complex, medulla, cortex)")
+        mask = arr.astype(np.uint8)
+    check_plausible_mask(mask, path)
+    return mask
 
 
 def prepare(raw, out, overwrite: bool = False, target: str = "capsule", annotator: int = 1,
@@ -141,7 +140,7 @@ def prepare(raw, out, overwrite: bool = False, target: str = "capsule", annotato
         "2 medulla, 3 cortex); subject = the leading number of the file name (the README says one image "
         "per patient, but some numbers repeat within one series, so they are grouped to be safe); "
         f"{skipped} images without a mask from this annotator were skipped"))
-    folder = Path(out) / name
+    folder = safe_join(out, name)
     with DatasetWriter(folder, meta, overwrite=overwrite) as writer:
         write_cases(writer, cases, load, workers=workers, desc=name)
     return folder

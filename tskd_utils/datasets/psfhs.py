@@ -22,10 +22,12 @@ Fallback layouts (not published; for data already exported elsewhere): ``images/
 was unpacked into, which holds ``PSFHS/``).
 
 .mha files are read with SimpleITK, imported only when needed: without it a clear error says to
-``pip install SimpleITK``. Colour images whose channels are identical are reduced to one channel;
-otherwise ITU-R 601 luma is used. Images that are not 8-bit are min-max scaled to 0..255. Label
-values must be 0, 1 or 2 (a DataError names the file otherwise). No pixel spacing is recorded: the
-release does not document one we could verify.
+``pip install SimpleITK``; other files as in :func:`tskd_utils.io.read_image` and
+:func:`tskd_utils.io.read_label_array`. Colour images whose channels are identical are reduced to
+one channel; otherwise ITU-R 601 luma is used. Images that are not 8-bit are windowed to their
+0.5-99.5 percentiles. Label values must be 0, 1 or 2 (a DataError names the file otherwise); a label
+map that looks inverted is refused. No pixel spacing is recorded: the release does not document one
+we could verify.
 
 Subjects: every image is its own subject. The ids are plain running numbers and the release has
 no woman/examination id, although 1358 images come from 1124 women, so some women contribute more
@@ -39,7 +41,8 @@ from typing import Optional
 
 import numpy as np
 
-from ..io import DataError, DatasetWriter
+from ..io import (DataError, DatasetWriter, check_plausible_mask, read_image, read_label_array, safe_join,
+                  window_to_uint8)
 
 DESCRIPTION = ("PSFHS intrapartum ultrasound (Zenodo 10969427): pubic symphysis and fetal head, "
                "image_mha/ + label_mha/ (.mha via SimpleITK)")
@@ -100,28 +103,32 @@ def _sitk():
     return sitk
 
 
-def read_array(path: Path) -> np.ndarray:
-    """Pixel array, (H, W) or channels last (H, W, C), of one .mha/.mhd (SimpleITK) or PNG/TIFF/BMP/JPEG file."""
-    if path.suffix.lower() in (".mha", ".mhd"):
-        sitk = _sitk()
-        try:
-            img = sitk.ReadImage(str(path))
-        except RuntimeError as e:
-            raise DataError(f"{path}: not a readable MetaImage ({str(e).strip().splitlines()[-1]})") from None
-        arr = np.asarray(sitk.GetArrayFromImage(img))
-        if img.GetDimension() == 3 and img.GetNumberOfComponentsPerPixel() == 1:
-            arr = np.moveaxis(arr, 0, -1)  # PSFHS stores the 3 channels as a third axis: (3, H, W) -> (H, W, 3)
-        return arr
-    from PIL import Image, UnidentifiedImageError
-
+def read_mha(path: Path) -> np.ndarray:
+    """Pixel array, (H, W) or channels last (H, W, C), of one .mha/.mhd file (SimpleITK)."""
+    sitk = _sitk()
     try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode == "P":
-                im = im.convert("RGB")
-            return np.array(im)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise DataError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
+        img = sitk.ReadImage(str(path))
+    except RuntimeError as e:
+        raise DataError(f"{path}: not a readable MetaImage ({str(e).strip().splitlines()[-1]})") from None
+    arr = np.asarray(sitk.GetArrayFromImage(img))
+    if img.GetDimension() == 3 and img.GetNumberOfComponentsPerPixel() == 1:
+        arr = np.moveaxis(arr, 0, -1)  # PSFHS stores the 3 channels as a third axis: (3, H, W) -> (H, W, 3)
+    return arr
+
+
+def _is_mha(path: Path) -> bool:
+    return path.suffix.lower() in (".mha", ".mhd")
+
+
+def load_image(path: Path) -> np.ndarray:
+    return to_gray_uint8(read_mha(path), path) if _is_mha(path) else read_image(path)
+
+
+def load_label(path: Path, shape: tuple) -> np.ndarray:
+    arr = read_mha(path) if _is_mha(path) else read_label_array(path, what="label")
+    label = to_label(arr, path, shape)
+    check_plausible_mask(label, path)
+    return label
 
 
 def _channels_last(arr: np.ndarray, path: Path, what: str) -> np.ndarray:
@@ -146,10 +153,7 @@ def to_gray_uint8(arr: np.ndarray, path: Path) -> np.ndarray:
     gray = gray.astype(np.float64)
     if np.all(gray == np.round(gray)) and gray.min() >= 0 and gray.max() <= 255:
         return gray.astype(np.uint8)
-    lo, hi = float(gray.min()), float(gray.max())
-    if hi <= lo:
-        return np.zeros(gray.shape, np.uint8)
-    return np.round((gray - lo) / (hi - lo) * 255.0).astype(np.uint8)
+    return window_to_uint8(gray, path)
 
 
 def to_label(arr: np.ndarray, path: Path, shape: tuple) -> np.ndarray:
@@ -192,12 +196,13 @@ def prepare(raw, out, overwrite: bool = False) -> Path:
         "license": LICENSE,
         "citation": CITATION,
         "source": SOURCE,
-        "preprocessing": "identical colour channels reduced to one; no resampling; labels 0/1/2 kept as published",
+        "preprocessing": ("identical colour channels reduced to one; images wider than 8 bit windowed to their "
+                          "0.5-99.5 percentiles; no resampling; labels 0/1/2 kept as published"),
     }
-    target = Path(out) / "psfhs"
+    target = safe_join(out, "psfhs")
     with DatasetWriter(target, meta, overwrite=overwrite) as writer:
         for stem in tqdm(sorted(images), desc="PSFHS", unit="image"):
-            image = to_gray_uint8(read_array(images[stem]), images[stem])
-            label = to_label(read_array(labels[stem]), labels[stem], image.shape)
+            image = load_image(images[stem])
+            label = load_label(labels[stem], image.shape)
             writer.add_case(stem, stem, image, label, source=str(images[stem]))
     return target
