@@ -178,6 +178,21 @@ def test_safe_extract_rejects_links_pointing_outside(tmp_path, link):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["links.tar.gz"]
 
 
+def test_safe_extract_rejects_device_files_and_needs_the_data_filter(tmp_path, monkeypatch):
+    archive = tmp_path / "dev.tar.gz"
+    with tarfile.open(archive, "w:gz") as tf:
+        info = tarfile.TarInfo("data/null")
+        info.type, info.devmajor, info.devminor = tarfile.CHRTYPE, 1, 3
+        tf.addfile(info)
+    with pytest.raises(DataError, match="'data/null' is a device or special file"):
+        safe_extract(archive, tmp_path / "out")
+    good = make_tar(tmp_path / "good.tar.gz", [("data/good.txt", b"g")])
+    monkeypatch.delattr(tarfile, "data_filter")  # a Python without extraction filters
+    with pytest.raises(DataError, match="'data' filter"):
+        safe_extract(good, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dev.tar.gz", "good.tar.gz"]
+
+
 def test_safe_extract_rejects_escaping_symlink_in_zip(tmp_path):
     archive = tmp_path / "links.zip"
     with zipfile.ZipFile(archive, "w") as zf:

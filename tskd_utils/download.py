@@ -4,13 +4,15 @@
 dataset's files (URL, file name, size, checksums and where they came from, licence) lives in
 :data:`SOURCES`, nowhere else.
 
-* :func:`download` streams a URL into ``dest.part`` with a progress bar, checks the pinned
-  checksum(s) and only then renames the file into place. A mismatch deletes the part file and
-  raises :class:`ChecksumError` showing the expected and the computed value. Where nothing is
-  pinned the computed SHA-256 is printed and a warning says the file could not be verified.
+* :func:`download` fetches a URL with :func:`pooch.retrieve`: the data is streamed (with a
+  progress bar) into a temporary file beside the destination, checked against the pinned
+  checksum(s) and only then moved into place. A mismatch deletes the file and raises
+  :class:`ChecksumError` showing the expected and the computed value. Where nothing is pinned the
+  computed SHA-256 is printed and a warning says the file could not be verified.
 * :func:`safe_extract` checks every member of a zip or tar(.gz) archive *before* anything is
-  written (no absolute paths, no ``..``, no link pointing outside the target, no device files),
-  extracts into a temporary folder beside the target and renames it into place.
+  written (no absolute paths, no ``..``, no link pointing outside the target; tar members also
+  pass :func:`tarfile.data_filter`, which refuses device files), extracts into a temporary folder
+  beside the target and renames it into place.
 
 Checksums are never invented: each pinned value below names its source. Zenodo publishes an MD5
 per file; the SHA-256 values were published by other projects that download the same files and
@@ -142,98 +144,96 @@ SOURCES: dict = {
 
 
 # ------------------------------------------------------------------------------------ downloads
-def _hash_file(path: Path, algorithm: str) -> str:
-    if algorithm == "sha256":
-        return sha256sum(path)
-    digest = hashlib.new(algorithm)
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(CHUNK_SIZE), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _mismatches(computed: dict, sha256: Optional[str], md5: Optional[str]) -> list:
-    bad = []
-    for name, expected in (("SHA-256", sha256), ("MD5", md5)):
-        if expected:
-            got = computed["sha256" if name == "SHA-256" else "md5"]
-            if got.lower() != expected.lower():
-                bad.append(f"{name} expected {expected.lower()}, computed {got}")
-    return bad
+    return [f"{name} expected {expected.lower()}, computed {computed[key]}"
+            for name, key, expected in (("SHA-256", "sha256", sha256), ("MD5", "md5", md5))
+            if expected and computed[key] != expected.lower()]
+
+
+class _Stream:
+    """A pooch downloader: streams ``url`` into pooch's temporary file with a progress bar, hashing
+    as it goes, and refuses a short transfer or a checksum mismatch (pooch then deletes the file)."""
+
+    def __init__(self, get, timeout, chunk_size: int, desc: str, dest: Path, sha256, md5):
+        self.get, self.timeout, self.chunk_size, self.desc = get, timeout, chunk_size, desc
+        self.dest, self.sha256, self.md5, self.received, self.digests = dest, sha256, md5, 0, {}
+
+    def __call__(self, url: str, output_file: str, pooch=None, check_only: bool = False) -> None:
+        from tqdm.auto import tqdm
+
+        hashers = {"sha256": hashlib.sha256(), "md5": hashlib.md5()}
+        response = self.get(url, stream=True, timeout=self.timeout)
+        try:
+            response.raise_for_status()
+            length = (response.headers or {}).get("Content-Length")
+            total = int(length) if length not in (None, "") else None
+            with open(output_file, "wb") as fh, tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
+                                                     desc=self.desc, leave=False) as bar:
+                for chunk in response.iter_content(chunk_size=self.chunk_size):
+                    fh.write(chunk)
+                    for h in hashers.values():
+                        h.update(chunk)
+                    self.received += len(chunk)
+                    bar.update(len(chunk))
+        finally:
+            close = getattr(response, "close", None)
+            if callable(close):
+                close()
+        if total is not None and self.received != total:
+            raise DataError(f"{url}: download incomplete, received {self.received} of {total} bytes "
+                            f"(the partial file was deleted; run again)")
+        self.digests = {name: h.hexdigest() for name, h in hashers.items()}
+        bad = _mismatches(self.digests, self.sha256, self.md5)
+        if bad:
+            raise ChecksumError(f"{self.dest.name} from {url} failed verification: {'; '.join(bad)}. "
+                                f"The downloaded file was deleted.")
 
 
 def download(url: str, dest: os.PathLike, sha256: Optional[str] = None, md5: Optional[str] = None,
              desc: Optional[str] = None, *, session=None, timeout=TIMEOUT, chunk_size: int = CHUNK_SIZE) -> Path:
     """Download ``url`` to ``dest``, checked against the pinned ``sha256`` and/or ``md5``.
 
-    The data is streamed into ``dest.part`` and renamed to ``dest`` only once it verifies; on a
-    mismatch, a truncated transfer or any error the part file is deleted. If ``dest`` already exists
-    and verifies, nothing is downloaded. With no checksum pinned the computed SHA-256 is printed and
-    a warning says the file could not be verified. ``session``: anything with a requests-like
-    ``get`` (defaults to :func:`requests.get`). Returns ``dest``.
+    :func:`pooch.retrieve` moves the file into place only once it verified (both checksums when
+    both are pinned); on a mismatch, a truncated transfer or any error the temporary file is
+    deleted. If ``dest`` already exists and verifies, nothing is downloaded. With no checksum
+    pinned the computed SHA-256 is printed and a warning says the file could not be verified.
+    ``session``: anything with a requests-like ``get`` (defaults to :func:`requests.get`).
+    Returns ``dest``.
     """
-    from tqdm.auto import tqdm
+    import pooch
 
     dest = Path(dest)
     pinned = bool(sha256 or md5)
     if dest.exists():
+        computed = {"sha256": sha256sum(dest) if sha256 or not pinned else "",
+                    "md5": pooch.file_hash(str(dest), alg="md5") if md5 else ""}
         if not pinned:
-            digest = sha256sum(dest)
-            print(f"{dest} already exists; SHA-256 {digest}")
+            print(f"{dest} already exists; SHA-256 {computed['sha256']}")
             warnings.warn(f"{dest}: no checksum is pinned for {url}, so the existing file could not be "
-                          f"verified (SHA-256 {digest})", stacklevel=2)
+                          f"verified (SHA-256 {computed['sha256']})", stacklevel=2)
             return dest
-        computed = {"sha256": sha256sum(dest) if sha256 else "", "md5": _hash_file(dest, "md5") if md5 else ""}
         if not _mismatches(computed, sha256, md5):
             print(f"{dest} already exists and matches its pinned checksum; not downloading it again")
             return dest
         warnings.warn(f"{dest} exists but does not match its pinned checksum; downloading it again", stacklevel=2)
         dest.unlink()
-
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
-    getter = session.get if session is not None else requests.get
-    hashers = {"sha256": hashlib.sha256(), "md5": hashlib.md5()}
-    received = 0
-    response = None
+    print(f"downloading {url} to {dest}")
+    stream = _Stream(session.get if session is not None else requests.get, timeout, chunk_size,
+                     desc or dest.name, dest, sha256, md5)
+    logger = pooch.get_logger()
+    level = logger.level
+    logger.setLevel("WARNING")  # our own messages say what happened (pooch's mention its own API)
     try:
-        response = getter(url, stream=True, timeout=timeout)
-        response.raise_for_status()
-        length = response.headers.get("Content-Length") if response.headers is not None else None
-        total = int(length) if length not in (None, "") else None
-        with open(part, "wb") as fh, tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
-                                          desc=desc or dest.name, leave=False) as bar:
-            for chunk in response.iter_content(chunk_size=chunk_size):
-                if not chunk:
-                    continue
-                fh.write(chunk)
-                for h in hashers.values():
-                    h.update(chunk)
-                received += len(chunk)
-                bar.update(len(chunk))
-        if total is not None and received != total:
-            raise DataError(f"{url}: download incomplete, received {received} of {total} bytes "
-                            f"(the partial file was deleted; run again)")
-        computed = {name: h.hexdigest() for name, h in hashers.items()}
-        bad = _mismatches(computed, sha256, md5)
-        if bad:
-            raise ChecksumError(f"{dest.name} from {url} failed verification: {'; '.join(bad)}. "
-                                f"The downloaded file was deleted.")
-        os.replace(part, dest)
-    except BaseException:
-        part.unlink(missing_ok=True)
-        raise
+        pooch.retrieve(url, known_hash=f"sha256:{sha256}" if sha256 else None, fname=dest.name,
+                       path=dest.parent, downloader=stream)
     finally:
-        close = getattr(response, "close", None)
-        if callable(close):
-            close()
-
+        logger.setLevel(level)
     if pinned:
-        print(f"{dest}: {received} bytes, checksum verified")
+        print(f"{dest}: {stream.received} bytes, checksum verified")
     else:
-        print(f"{dest}: {received} bytes, SHA-256 {computed['sha256']} (MD5 {computed['md5']})")
+        print(f"{dest}: {stream.received} bytes, SHA-256 {stream.digests['sha256']} (MD5 {stream.digests['md5']})")
         warnings.warn(f"{dest}: no checksum is pinned for {url}, so the download could not be verified; "
-                      f"computed SHA-256 {computed['sha256']}", stacklevel=2)
+                      f"computed SHA-256 {stream.digests['sha256']}", stacklevel=2)
     return dest
 
 
@@ -252,16 +252,14 @@ def _check_member_path(archive: Path, name: str, target: Path) -> None:
                         f"refusing to extract anything")
 
 
-def _check_link_target(archive: Path, name: str, link: str, target: Path, hard: bool) -> None:
+def _check_zip_symlink(archive: Path, name: str, link: str, target: Path) -> None:
     norm = link.replace("\\", "/")
-    kind = "hard link" if hard else "symlink"
     if norm.startswith("/") or (len(norm) > 1 and norm[1] == ":"):
-        raise DataError(f"{archive}: member {name!r} is a {kind} to the absolute path {link!r}; "
+        raise DataError(f"{archive}: member {name!r} is a symlink to the absolute path {link!r}; "
                         f"refusing to extract anything")
-    base = target if hard else (target / name.replace("\\", "/")).parent  # hard links are archive-relative
-    resolved = (base / norm).resolve()
+    resolved = ((target / name.replace("\\", "/")).parent / norm).resolve()
     if not resolved.is_relative_to(target.resolve()):
-        raise DataError(f"{archive}: member {name!r} is a {kind} pointing outside the target ({link!r}); "
+        raise DataError(f"{archive}: member {name!r} is a symlink pointing outside the target ({link!r}); "
                         f"refusing to extract anything")
 
 
@@ -272,20 +270,31 @@ def _check_zip(archive: Path, zf: zipfile.ZipFile, target: Path) -> None:
         if stat.S_ISLNK(mode):
             # zipfile writes a symlink member as a small file holding the link text; still refuse
             # one that points outside, as it would after extraction with other tools.
-            link = zf.read(info).decode("utf-8", "replace")
-            _check_link_target(archive, info.filename, link, target, hard=False)
+            _check_zip_symlink(archive, info.filename, zf.read(info).decode("utf-8", "replace"), target)
+
+
+_TAR_REFUSALS = {  # tarfile.data_filter's errors, in the words of the zip checks
+    "AbsoluteLinkError": "is a link to an absolute path",
+    "LinkOutsideDestinationError": "is a link pointing outside the target",
+    "SpecialFileError": "is a device or special file",
+}
 
 
 def _check_tar(archive: Path, tf: tarfile.TarFile, target: Path) -> list:
+    """Every member through the checks shared with zip files (the data filter would quietly strip a
+    leading '/'), then through :func:`tarfile.data_filter` (links, devices, modes)."""
+    if not hasattr(tarfile, "data_filter"):
+        raise DataError(f"{archive}: extracting a tar archive safely needs tarfile's 'data' filter "
+                        f"(Python >= 3.10.12, 3.11.4 or 3.12); upgrade Python or unpack it by hand")
     members = tf.getmembers()
     for m in members:
         _check_member_path(archive, m.name, target)
-        if m.issym():
-            _check_link_target(archive, m.name, m.linkname, target, hard=False)
-        elif m.islnk():
-            _check_link_target(archive, m.name, m.linkname, target, hard=True)
-        elif not (m.isfile() or m.isdir()):
-            raise DataError(f"{archive}: member {m.name!r} is a device or special file; refusing to extract anything")
+        try:
+            tarfile.data_filter(m, str(target))
+        except tarfile.FilterError as e:
+            reason = _TAR_REFUSALS.get(type(e).__name__, f"is refused by tarfile's data filter ({e})")
+            link = f" ({m.linkname!r})" if m.linkname else ""
+            raise DataError(f"{archive}: member {m.name!r} {reason}{link}; refusing to extract anything") from None
     return members
 
 
@@ -314,10 +323,7 @@ def safe_extract(archive: os.PathLike, target: os.PathLike, overwrite: bool = Fa
             with tarfile.open(archive, "r:*") as tf:
                 members = _check_tar(archive, tf, tmp)
                 tmp.mkdir()
-                if hasattr(tarfile, "data_filter"):
-                    tf.extractall(tmp, members=members, filter="data")
-                else:  # Python without extraction filters: the checks above are the safeguard
-                    tf.extractall(tmp, members=members)
+                tf.extractall(tmp, members=members, filter="data")
         else:
             raise DataError(f"{archive}: not a zip or tar archive")
         if target.exists():
