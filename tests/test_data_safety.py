@@ -271,3 +271,48 @@ def test_mask_forms_read_as_what_they_show(tmp_path):
     voc.putpalette([0, 0, 0, 128, 0, 0, 0, 128, 0] + [0] * 759)
     voc.save(tmp_path / "voc.png")
     np.testing.assert_array_equal(read_label_array(tmp_path / "voc.png"), fg * 2)
+
+
+def test_ensure_dataset_waits_for_a_phantom_another_process_is_generating(tmp_path, capsys):
+    from tskd_utils.datasets import ensure_dataset
+
+    entered, errors = threading.Event(), []
+
+    def other():  # stands in for a second sweep that started generating the phantom first
+        try:
+            with DatasetWriter(tmp_path / "phantom", dict(META, name="phantom")) as w:
+                entered.set()
+                time.sleep(1.0)
+                w.add_case("p0", "s0", np.zeros((8, 8), np.uint8), np.zeros((8, 8), np.uint8))
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+            entered.set()
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    assert entered.wait(30)
+    root = ensure_dataset("phantom", tmp_path, phantom_cases=1, wait_s=60)
+    thread.join(30)
+    assert not errors and root == tmp_path / "phantom"
+    assert "waiting for it" in capsys.readouterr().out
+    assert [c.case for c in load_dataset(root).cases] == ["p0"]  # the other process's dataset, not a second one
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["phantom"]
+
+
+# ------------------------------------------------------------------------- loud load errors
+def test_load_errors_name_the_file(tmp_path):
+    from tskd_utils.io import load_case
+
+    root = write_dataset(tmp_path / "ds")
+    (root / "cases.csv").write_bytes(b"case,subject\n\xff\xfe\x00bad,s\n")
+    with pytest.raises(DataError, match=r"cases\.csv: not a readable CSV"):
+        load_dataset(root)
+    root = write_dataset(tmp_path / "ds2")
+    mask = root / "masks" / "c1.png"
+    mask.write_bytes(mask.read_bytes()[:30])  # truncated
+    info = load_dataset(root)
+    with pytest.raises(DataError, match=r"c1\.png: not a readable mask image"):
+        load_case(info, info.case("c1"))
+    (root / "dataset.json").write_bytes(b"\xff\xfe{")
+    with pytest.raises(DataError, match=r"dataset\.json: malformed JSON"):
+        load_dataset(root)

@@ -368,6 +368,39 @@ def load_case(info: DatasetInfo, record: CaseRecord) -> tuple[np.ndarray, np.nda
     return image, mask
 
 
+def _lock_path(target: Path) -> Path:
+    return target.parent / f".{target.name}.lock"
+
+
+def _take_lock(target: Path, timeout: float):
+    """The held lock of one conversion target, or BusyError after ``timeout`` seconds (0: at once)."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(_lock_path(target)))
+    try:
+        lock.acquire(timeout=timeout)
+    except Timeout:
+        waited = f" after {timeout:.0f} s" if timeout else ""
+        raise BusyError(f"another conversion is writing {target} (its lock file {_lock_path(target)} is "
+                        f"held{waited}); wait for it to finish, or write to another --out") from None
+    return lock
+
+
+def _release_lock(lock, path: Path) -> None:
+    if lock is not None:
+        try:
+            path.unlink()  # while still held, so no one else's lock file is removed
+        except OSError:
+            pass
+        lock.release()
+
+
+def wait_for_conversion(target: os.PathLike, timeout: float) -> None:
+    """Block until no conversion writes ``target``; BusyError after ``timeout`` seconds."""
+    target = Path(target)
+    _release_lock(_take_lock(target, timeout), _lock_path(target))
+
+
 class DatasetWriter:
     """Write a dataset in the common format, atomically, one conversion per target at a time.
 
@@ -400,29 +433,16 @@ class DatasetWriter:
         self.rows: list[dict] = []
         self._folded: dict = {}  # case name in lower case -> case name
         self.tmp: Optional[Path] = None
-        self.lock_path = self.target.parent / f".{self.target.name}.lock"
+        self.lock_path = _lock_path(self.target)
         self._lock = None
 
     # ------------------------------------------------------------------------------ the lock
     def _acquire(self) -> None:
-        from filelock import FileLock, Timeout
-
-        lock = FileLock(str(self.lock_path))
-        try:
-            lock.acquire(timeout=0)
-        except Timeout:
-            raise BusyError(f"another conversion is writing {self.target} (its lock file {self.lock_path} is "
-                            f"held); wait for it to finish, or write to another --out") from None
-        self._lock = lock
+        self._lock = _take_lock(self.target, 0)
 
     def _release(self) -> None:
-        if self._lock is not None:
-            try:
-                self.lock_path.unlink()  # while still held, so no one else's lock file is removed
-            except OSError:
-                pass
-            self._lock.release()
-            self._lock = None
+        _release_lock(self._lock, self.lock_path)
+        self._lock = None
 
     def _clean_leftovers(self) -> None:
         """Under the lock: remove what killed conversions of this target left beside it."""

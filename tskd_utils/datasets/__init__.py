@@ -34,13 +34,15 @@ def prepare(name: str, raw: Optional[Path], out: Path, overwrite: bool = False, 
     return Path(module.prepare(raw, Path(out), overwrite=overwrite, **options))
 
 
-def ensure_dataset(dataset: str, data_root: Path, phantom_cases: int = 300, seed: int = 0) -> Path:
+def ensure_dataset(dataset: str, data_root: Path, phantom_cases: int = 300, seed: int = 0,
+                   wait_s: float = 1800) -> Path:
     """Return ``data_root/dataset``; generate it first if it is the phantom and missing.
 
-    Real datasets cannot be fetched silently (registration, licences, size): a clear error says
-    which script prepares them.
+    If another process is converting that dataset right now (its lock is held), wait up to
+    ``wait_s`` seconds for it and use its result. Real datasets cannot be fetched silently
+    (registration, licences, size): a clear error says which script prepares them.
     """
-    from ..io import DataError
+    from ..io import BusyError, DataError, wait_for_conversion
 
     root = Path(data_root) / dataset
     if (root / "dataset.json").is_file():
@@ -53,7 +55,12 @@ def ensure_dataset(dataset: str, data_root: Path, phantom_cases: int = 300, seed
                       f"{phantom_cases}). Delete that folder, or pass another data_root, to regenerate it.")
         return root
     if dataset == "phantom":
-        return prepare("phantom", None, Path(data_root), n_cases=phantom_cases, seed=seed)
+        try:
+            return prepare("phantom", None, Path(data_root), n_cases=phantom_cases, seed=seed)
+        except BusyError:
+            print(f"note: another process is generating {root}; waiting for it (up to {wait_s:.0f} s)")
+            wait_for_conversion(root, wait_s)
+            return ensure_dataset(dataset, data_root, phantom_cases, seed, wait_s)
     hint = dataset.split("_")[0]
     raise DataError(
         f"dataset {dataset!r} not found at {root}. Prepare it first, e.g. "
