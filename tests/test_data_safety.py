@@ -299,6 +299,15 @@ def test_ensure_dataset_waits_for_a_phantom_another_process_is_generating(tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["phantom"]
 
 
+def test_ensure_dataset_refuses_a_dataset_name_that_leaves_the_data_root(tmp_path):
+    from tskd_utils.datasets import ensure_dataset
+
+    for bad in ("../elsewhere", "/abs/phantom", ".hidden"):
+        with pytest.raises(DataError, match=r"the dataset argument: dataset name"):
+            ensure_dataset(bad, tmp_path / "data")
+    assert list(tmp_path.iterdir()) == []
+
+
 # ------------------------------------------------------------------------- loud load errors
 def test_load_errors_name_the_file(tmp_path):
     from tskd_utils.io import load_case

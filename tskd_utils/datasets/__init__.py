@@ -42,9 +42,9 @@ def ensure_dataset(dataset: str, data_root: Path, phantom_cases: int = 300, seed
     ``wait_s`` seconds for it and use its result. Real datasets cannot be fetched silently
     (registration, licences, size): a clear error says which script prepares them.
     """
-    from ..io import BusyError, DataError, wait_for_conversion
+    from ..io import BusyError, DataError, check_name, safe_join, wait_for_conversion
 
-    root = Path(data_root) / dataset
+    root = safe_join(data_root, check_name(dataset, "dataset name", "the dataset argument"))
     if (root / "dataset.json").is_file():
         if dataset == "phantom":
             import json
