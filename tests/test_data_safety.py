@@ -196,6 +196,23 @@ def test_two_processes_converting_into_one_target(tmp_path):
 
 
 # ------------------------------------------------------------- leftovers of a killed conversion
+def test_a_conversion_killed_with_sigkill_is_cleaned_up_by_the_next_one(tmp_path):
+    target = tmp_path / "ds"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(target)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, env=env)
+    assert holder.stdout.readline().strip() == "ready"
+    holder.kill()  # SIGKILL: no cleanup runs; its temporary folder and lock file stay behind
+    holder.wait(60)
+    holder.stdin.close()
+    holder.stdout.close()
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert ".ds.lock" in left and any(n.startswith(".ds.tmp-") for n in left)
+    write_dataset(target)  # the dead process holds no lock: this one goes ahead and cleans up
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
+    assert len(load_dataset(target).cases) == 3
+
+
 def _leftover(parent: Path, name: str) -> Path:
     folder = parent / name
     (folder / "images").mkdir(parents=True)
