@@ -1,0 +1,489 @@
+"""Use a trained model on new images: class-index masks and overlays at each image's original size.
+
+::
+
+    python -m tskd_utils.predict --run RUN_DIR --method ts_kd --input PATH_OR_DIR --out DIR
+                                 [--overwrite] [--backend torch|onnx] [--onnx FILE]
+
+or, from Python, :func:`predict_files`. Inputs are PNG, JPEG, TIFF (8 or 16 bit, grayscale or
+colour) and DICOM files, or a folder of them (not recursive). Each image gets exactly the
+preprocessing the model was trained with (:func:`to_gray_uint8`, then :func:`model_input`):
+
+1. to 8-bit grayscale. 8-bit images are read as :func:`tskd_utils.io.read_image` reads the
+   dataset (colour by ITU-R 601 luma); 16-bit and float images are windowed to their
+   0.5-99.5 percentile range (a note is printed: min/max would let one hot pixel flatten the
+   contrast); DICOM gets its rescale slope/intercept, then its window center/width when the
+   file has one, else the percentile window (MONOCHROME1 is inverted);
+2. letterbox to the model's input size (:func:`tskd_utils.data.letterbox`) and scale to [0, 1];
+3. the logits are mapped back to the original size (:func:`tskd_utils.data.unletterbox`) before
+   the argmax, as evaluation does.
+
+Outputs: ``DIR/masks/<name>.png`` (uint8, value = class index) and ``DIR/overlays/<name>.png``.
+Existing outputs are never replaced without ``overwrite`` (checked before any work). A folder run
+goes on past a bad file and lists the failures at the end; the command then exits with status 1.
+``--method teacher`` runs the run's LoRA teacher live on each image (for comparison; the run's
+feature caches are neither read nor written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from .data import letterbox, unletterbox
+from .io import DataError, write_png
+
+RASTER_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+DICOM_SUFFIXES = (".dcm", ".dicom")
+SUPPORTED = "PNG, JPEG, TIFF or DICOM (.png .jpg .jpeg .tif .tiff .dcm .dicom, or a DICOM file without extension)"
+WINDOW_PERCENTILES = (0.5, 99.5)  # of the pixel values of one image: the window of 16-bit / float input
+HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")  # PIL modes that are not 8-bit
+
+
+# --------------------------------------------------------------------------------- reading
+
+
+def is_dicom(path: Path) -> bool:
+    """A ``.dcm``/``.dicom`` name, or the DICOM magic ``DICM`` after the 128-byte preamble."""
+    if path.suffix.lower() in DICOM_SUFFIXES:
+        return True
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:] == b"DICM"
+
+
+def window_percentiles(values: np.ndarray, percentiles: tuple[float, float] = WINDOW_PERCENTILES) -> np.ndarray:
+    """Map values linearly so that their low/high percentiles become 0/255 (clipped), as uint8.
+
+    The same rule as the dataset converters' :func:`tskd_utils.io.read_image` for 16-bit images: one
+    hot pixel cannot black out the image; a nearly constant image falls back to its min..max.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    lo, hi = np.percentile(v, percentiles)
+    if hi <= lo:
+        lo, hi = float(v.min()), float(v.max())
+        if hi <= lo:  # a flat image: no contrast to keep
+            return np.zeros(v.shape, np.uint8)
+    return np.round(np.clip((v - lo) / (hi - lo), 0, 1) * 255.0).astype(np.uint8)
+
+
+def window_center_width(values: np.ndarray, center: float, width: float) -> np.ndarray:
+    """DICOM's linear VOI window (PS3.3 C.11.2.1.2) onto 0..255, as uint8."""
+    v = np.asarray(values, dtype=np.float64)
+    width = max(float(width), 1.0)
+    y = ((v - (float(center) - 0.5)) / (width - 1.0 if width > 1 else 1.0) + 0.5) * 255.0
+    return np.round(np.clip(y, 0, 255)).astype(np.uint8)
+
+
+def luma(rgb: np.ndarray, bgr: bool = False) -> np.ndarray:
+    """ITU-R 601 luma of an (H, W, 3+) array as float (PIL's ``convert("L")`` weights)."""
+    c = np.asarray(rgb, dtype=np.float64)[..., :3]
+    r, g, b = (c[..., 2], c[..., 1], c[..., 0]) if bgr else (c[..., 0], c[..., 1], c[..., 2])
+    return 0.299 * r + 0.587 * g + 0.114 * b
+
+
+def _percentile_note(path: Path, what: str) -> str:
+    lo, hi = WINDOW_PERCENTILES
+    return (f"{path.name}: {what}, windowed to its {lo:g}-{hi:g} percentile range (not min/max) to make the "
+            f"8-bit grayscale the model was trained on")
+
+
+PIL_DEPTHS = {"I": "32-bit integer image", "F": "floating-point image"}  # others in HIGH_DEPTH_MODES: 16-bit
+
+
+def _first_value(v) -> float:
+    """A DICOM number that may be multi-valued (several windows: the first is the default)."""
+    try:
+        return float(v)
+    except TypeError:
+        return float(v[0])
+
+
+def _read_dicom(path: Path) -> tuple[np.ndarray, Optional[str]]:
+    """One DICOM slice -> uint8 grayscale: rescale slope/intercept, then its window (or percentiles)."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path)
+    except Exception as e:  # InvalidDicomError, a truncated file, ...
+        raise DataError(f"{path}: not a readable DICOM file ({type(e).__name__}: {e})") from None
+    if "PixelData" not in ds:
+        raise DataError(f"{path}: DICOM file has no pixel data (not an image)")
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames > 1:
+        raise DataError(f"{path}: multi-frame DICOM ({frames} frames) is not supported; give one slice per file")
+    try:
+        arr = np.asarray(ds.pixel_array)
+    except Exception as e:
+        raise DataError(f"{path}: cannot decode the DICOM pixel data ({type(e).__name__}: {e}); if it is "
+                        f"compressed, install a pydicom pixel handler (pip install pylibjpeg pylibjpeg-libjpeg)"
+                        ) from None
+    if arr.ndim == 3 and arr.shape[-1] in (3, 4):  # colour: luma, then a percentile window if not 8-bit
+        if arr.dtype == np.uint8:
+            return np.array(Image.fromarray(arr[..., :3]).convert("L")), None
+        return window_percentiles(luma(arr)), _percentile_note(path, "colour DICOM")
+    if arr.ndim != 2:
+        raise DataError(f"{path}: expected one 2-D slice, got DICOM pixel data of shape {arr.shape}")
+    slope, intercept = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
+    values = arr.astype(np.float64) * slope + intercept
+    center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
+    if center is not None and width is not None:
+        gray, note = window_center_width(values, _first_value(center), _first_value(width)), None
+    else:
+        gray, note = window_percentiles(values), _percentile_note(path, "DICOM without a window")
+    if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":  # 0 = white
+        gray = 255 - gray
+    return gray, note
+
+
+def _read_deep_colour(path: Path) -> Optional[np.ndarray]:
+    """A >8-bit colour PNG/TIFF at full depth (BGR), via OpenCV; None if it is 8-bit.
+
+    PIL opens 16-bit colour as 8-bit RGB without a word, which would skip the percentile window.
+    """
+    import cv2
+
+    if path.suffix.lower() not in (".png", ".tif", ".tiff"):
+        return None
+    arr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    return None if arr is None or arr.dtype == np.uint8 or arr.ndim != 3 else arr
+
+
+def _read_raster(path: Path) -> tuple[np.ndarray, Optional[str]]:
+    """PNG / JPEG / TIFF -> uint8 grayscale (8-bit: as the dataset is read; deeper: percentile window)."""
+    try:
+        with Image.open(path) as im:
+            if getattr(im, "n_frames", 1) > 1:
+                raise DataError(f"{path}: {im.n_frames} pages/frames; give one 2-D image per file")
+            im.load()
+            if im.mode in HIGH_DEPTH_MODES:
+                what = PIL_DEPTHS.get(im.mode, "16-bit image")
+                return window_percentiles(np.asarray(im)), _percentile_note(path, what)
+            deep = _read_deep_colour(path) if im.mode in ("RGB", "RGBA") else None
+            if deep is not None:
+                what = f"{deep.dtype.itemsize * 8}-bit colour image"
+                return window_percentiles(luma(deep, bgr=True)), _percentile_note(path, what)
+            if im.mode != "L":
+                im = im.convert("L")
+            return np.array(im, dtype=np.uint8), None
+    except DataError:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
+
+
+def to_gray_uint8(path) -> tuple[np.ndarray, Optional[str]]:
+    """Read an input image as (H, W) uint8 grayscale, the form the models were trained on.
+
+    Returns the image and a note (or None) saying how a non-8-bit image was windowed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"input image not found: {path}")
+    if is_dicom(path):
+        gray, note = _read_dicom(path)
+    elif path.suffix.lower() in RASTER_SUFFIXES:
+        gray, note = _read_raster(path)
+    else:
+        raise DataError(f"{path}: unsupported format {path.suffix or '(no extension)'}; expected {SUPPORTED}")
+    if gray.ndim != 2 or min(gray.shape) < 1:
+        raise DataError(f"{path}: expected a 2-D image, got shape {gray.shape}")
+    return gray, note
+
+
+def inner_size(shape: tuple, size: int) -> tuple[int, int]:
+    """(rows, cols) of an image of ``shape`` inside its ``size`` x ``size`` letterbox (the rest is padding)."""
+    scale = size / max(shape[0], shape[1])
+    return max(1, int(round(shape[0] * scale))), max(1, int(round(shape[1] * scale)))
+
+
+def model_input(gray: np.ndarray, size: int) -> np.ndarray:
+    """(H, W) uint8 -> (1, 1, size, size) float32 in [0, 1]: letterboxed, as in training and evaluation."""
+    return (letterbox(gray, size).astype(np.float32) / 255.0)[None, None]
+
+
+def label_map(logits, original_hw: tuple[int, int]) -> np.ndarray:
+    """(K, S, S) letterboxed logits -> (H, W) uint8 class indices at the original size."""
+    return unletterbox(torch.as_tensor(logits), original_hw).argmax(0).numpy().astype(np.uint8)
+
+
+def overlay_uint8(gray: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """The image with its predicted classes in colour, as an (H, W, 3) uint8 picture."""
+    from .viz import overlay
+
+    return np.round(overlay(gray, labels) * 255.0).astype(np.uint8)
+
+
+# ---------------------------------------------------------------------------------- models
+
+
+@dataclass
+class Segmenter:
+    """A model ready for single images.
+
+    ``forward(x, valid)`` maps float32 (B, 1, S, S) in [0, 1] to (B, K, S, S) logits; ``valid`` holds each
+    image's (rows, cols) inside the padding, for models whose normalisation must skip the padding
+    (the teacher's per-image min-max, as MedSAM does); the students and ONNX files ignore it.
+    """
+
+    name: str
+    input_size: int
+    forward: Callable[..., np.ndarray]
+
+    def logits(self, gray: np.ndarray) -> np.ndarray:
+        valid = np.array([inner_size(gray.shape, self.input_size)], dtype=np.int64)
+        return self.forward(model_input(gray, self.input_size), valid)[0]
+
+    def __call__(self, gray: np.ndarray) -> np.ndarray:
+        """(H, W) uint8 -> (H, W) uint8 class indices at the image's own size."""
+        return label_map(self.logits(gray), gray.shape)
+
+
+def torch_forward(model: torch.nn.Module, device: str) -> Callable[..., np.ndarray]:
+    takes_valid = "valid" in inspect.signature(model.forward).parameters
+
+    def forward(x: np.ndarray, valid: Optional[np.ndarray] = None) -> np.ndarray:
+        with torch.inference_mode():
+            args = [torch.from_numpy(np.ascontiguousarray(x)).to(device)]
+            if takes_valid and valid is not None:
+                args.append(torch.as_tensor(valid, dtype=torch.long, device=device))
+            return model(*args).float().cpu().numpy()
+    return forward
+
+
+def onnx_forward(session) -> Callable[..., np.ndarray]:
+    def forward(x: np.ndarray, valid: Optional[np.ndarray] = None) -> np.ndarray:
+        return session.run(["logits"], {"image": np.ascontiguousarray(x, dtype=np.float32)})[0]
+    return forward
+
+
+def open_run(run):
+    """A :class:`tskd_utils.run.Run` from a Run or a run folder (DataError naming a non-run folder)."""
+    from .run import load_run
+
+    if hasattr(run, "profile") and hasattr(run, "dir"):
+        return run
+    if not Path(run).is_dir():
+        raise DataError(f"run folder not found: {run}")
+    return load_run(run)
+
+
+def load_model(run, method: str, device: str) -> torch.nn.Module:
+    """The trained student of ``method`` (or the LoRA teacher for ``teacher``), in eval mode.
+
+    A method the run has not trained, or an unknown id, is a :class:`DataError` naming the run.
+    """
+    from .distill import load_student
+    from .teacher import load_teacher
+
+    try:
+        if method == "teacher":
+            return load_teacher(run, "lora", device=device)
+        return load_student(run, method, device=device)
+    except KeyError as e:  # an unknown method id
+        raise DataError(f"--method {method!r}: {e.args[0] if e.args else e}") from None
+    except FileNotFoundError as e:  # this run has no trained model for the method
+        raise DataError(f"{run.dir} has no trained {method!r} model: {e}") from None
+
+
+def _torch_segmenter(run, method: str, device: Optional[str]) -> Segmenter:
+    device = device or run.device
+    model = load_model(run, method, device)
+    if method == "teacher":  # run live on the image: no prefix cache is read or written
+        return Segmenter(f"teacher ({run.profile.teacher.name} + LoRA, torch)", run.profile.teacher.input_size,
+                         torch_forward(model, device))
+    return Segmenter(f"{method} ({run.profile.student.name}, torch)", run.profile.data.image_size,
+                     torch_forward(model, device))
+
+
+def _onnx_segmenter(run, method: str, onnx_file) -> Segmenter:
+    from .export import onnx_session
+
+    if method == "teacher":
+        raise DataError("--backend onnx runs an exported student; the teacher runs with --backend torch")
+    if onnx_file is None:
+        raise DataError("--backend onnx needs --onnx FILE (made by python -m tskd_utils.export)")
+    onnx_file = Path(onnx_file)
+    if not onnx_file.is_file():
+        raise DataError(f"ONNX model not found: {onnx_file}")
+    session = onnx_session(onnx_file)
+    shape = session.get_inputs()[0].shape
+    size = shape[-1] if isinstance(shape[-1], int) else None
+    if size is None or shape[-2] != size:
+        raise DataError(f"{onnx_file}: input shape {shape} is not (batch, 1, S, S)")
+    if run is not None and run.profile.data.image_size != size:
+        raise DataError(f"{onnx_file} takes {size} px input but run {run.dir} trained its students at "
+                        f"{run.profile.data.image_size} px: is it this run's export?")
+    return Segmenter(f"{method} (onnxruntime, {onnx_file.name})", size, onnx_forward(session))
+
+
+def load_segmenter(run, method: str = "ts_kd", backend: str = "torch", onnx=None,
+                   device: Optional[str] = None) -> Segmenter:
+    """The model of ``method`` in ``run`` (a Run or run folder) behind the chosen backend."""
+    if backend not in ("torch", "onnx"):
+        raise DataError(f"unknown backend {backend!r}; choose torch or onnx")
+    if backend == "onnx":
+        return _onnx_segmenter(open_run(run) if run is not None else None, method, onnx)
+    if run is None:
+        raise DataError("the torch backend needs the run folder (--run RUN_DIR)")
+    return _torch_segmenter(open_run(run), method, device)
+
+
+# ------------------------------------------------------------------------------ the files
+
+
+def find_inputs(path) -> tuple[list[Path], list[Path]]:
+    """(images, skipped) for a file or a folder (not recursive; hidden files ignored)."""
+    path = Path(path)
+    if path.is_file():
+        if path.suffix.lower() not in RASTER_SUFFIXES and not is_dicom(path):
+            raise DataError(f"{path}: unsupported format {path.suffix or '(no extension)'}; expected {SUPPORTED}")
+        return [path], []
+    if not path.is_dir():
+        raise DataError(f"input not found: {path}")
+    images, skipped = [], []
+    for p in sorted(q for q in path.iterdir() if q.is_file() and not q.name.startswith(".")):
+        (images if p.suffix.lower() in RASTER_SUFFIXES or is_dicom(p) else skipped).append(p)
+    if not images:
+        extra = f" (skipped {len(skipped)} other files, e.g. {skipped[0].name})" if skipped else ""
+        raise DataError(f"{path}: no images in this folder{extra}; expected {SUPPORTED}")
+    return images, skipped
+
+
+def output_paths(images: Sequence[Path], out) -> list[tuple[Path, Path]]:
+    """(mask, overlay) paths per image: ``out/masks/<name>.png``, ``out/overlays/<name>.png``."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} is a file, not a folder")
+    seen: dict[str, Path] = {}
+    pairs = []
+    for p in images:
+        if p.stem in seen:
+            raise DataError(f"{seen[p.stem]} and {p} would both write masks/{p.stem}.png: rename one of them")
+        seen[p.stem] = p
+        pairs.append((out / "masks" / f"{p.stem}.png", out / "overlays" / f"{p.stem}.png"))
+    return pairs
+
+
+def refuse_overwrite(pairs: Sequence[tuple[Path, Path]]) -> None:
+    existing = [p for pair in pairs for p in pair if p.exists()]
+    if existing:
+        more = f" (and {len(existing) - 1} more outputs)" if len(existing) > 1 else ""
+        raise FileExistsError(f"{existing[0]} already exists{more}; pass --overwrite (overwrite=True) to replace")
+
+
+# ----------------------------------------------------------------------------- predicting
+
+
+@dataclass
+class PredictionReport:
+    """What a call of :func:`predict_files` wrote and what failed (``failures``: (file, message))."""
+
+    model: str
+    written: list = field(default_factory=list)
+    failures: list = field(default_factory=list)
+    skipped: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    def describe(self) -> str:
+        lines = [f"{self.model}: wrote {len(self.written)} mask(s) and overlay(s)"]
+        if self.skipped:
+            lines.append(f"skipped {len(self.skipped)} file(s) that are not {SUPPORTED}: "
+                         + ", ".join(p.name for p in self.skipped[:10]))
+        if self.failures:
+            lines.append(f"{len(self.failures)} file(s) failed:")
+            lines += [f"  {path}: {message}" for path, message in self.failures]
+        return "\n".join(lines)
+
+
+def predict_image(segmenter: Segmenter, path: Path, mask_path: Path, overlay_path: Path) -> dict:
+    """Read one file, predict, write its mask (original size) and overlay; returns a record."""
+    gray, note = to_gray_uint8(path)
+    labels = segmenter(gray)
+    mask_path.parent.mkdir(parents=True, exist_ok=True)
+    overlay_path.parent.mkdir(parents=True, exist_ok=True)
+    write_png(mask_path, labels)
+    write_png(overlay_path, overlay_uint8(gray, labels))
+    return {"input": path, "mask": mask_path, "overlay": overlay_path, "height": gray.shape[0],
+            "width": gray.shape[1], "note": note}
+
+
+def predict_files(run, method: str = "ts_kd", inputs=".", out="predictions", overwrite: bool = False,
+                  backend: str = "torch", onnx=None, device: Optional[str] = None,
+                  progress: bool = True) -> PredictionReport:
+    """Masks and overlays for an image file or a folder of images (see the module docstring).
+
+    Everything that can be checked before predicting is checked first (run folder, inputs, output
+    names, existing outputs), so a refusal leaves nothing behind. A single bad file raises
+    :class:`DataError`; in a folder, bad files are collected in ``report.failures`` and the rest go on.
+    """
+    from tqdm.auto import tqdm
+
+    run = open_run(run) if run is not None else None
+    images, skipped = find_inputs(inputs)
+    pairs = output_paths(images, out)
+    if not overwrite:
+        refuse_overwrite(pairs)
+    segmenter = load_segmenter(run, method, backend, onnx, device)
+    report = PredictionReport(segmenter.name, skipped=skipped)
+    single = Path(inputs).is_file()
+    bar = tqdm(list(zip(images, pairs)), desc=f"{method}: predicting", unit="img", dynamic_ncols=True,
+               disable=not progress or single)
+    for path, (mask_path, overlay_path) in bar:
+        try:
+            record = predict_image(segmenter, path, mask_path, overlay_path)
+        except DataError as e:
+            if single:
+                raise
+            report.failures.append((path, str(e)))
+            continue
+        report.written.append(record)
+        if record["note"]:
+            report.notes.append(record["note"])
+            tqdm.write(f"note: {record['note']}")
+    return report
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Command line; exit status 0 = all written, 1 = some files failed, 2 = refused before starting."""
+    ap = argparse.ArgumentParser(prog="python -m tskd_utils.predict",
+                                 description="Segment new images with a trained student (or the teacher) of a run.")
+    ap.add_argument("--run", type=Path, help="run folder (required for --backend torch)")
+    ap.add_argument("--method", default="ts_kd", help="student method id, or 'teacher' (default ts_kd)")
+    ap.add_argument("--input", type=Path, required=True, help=f"an image or a folder of images: {SUPPORTED}")
+    ap.add_argument("--out", type=Path, required=True, help="output folder (masks/ and overlays/)")
+    ap.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    ap.add_argument("--backend", choices=("torch", "onnx"), default="torch")
+    ap.add_argument("--onnx", type=Path, help="the exported model.onnx (with --backend onnx)")
+    ap.add_argument("--device", default=None, help="torch device (default: the run's)")
+    args = ap.parse_args(argv)
+    if args.run is None and args.backend == "torch":
+        ap.error("--run is required with --backend torch")
+    try:
+        report = predict_files(args.run, args.method, args.input, args.out, args.overwrite, args.backend,
+                               args.onnx, args.device)
+    except (DataError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(report.describe(), file=sys.stderr if report.failures else sys.stdout)
+    print(f"masks: {Path(args.out) / 'masks'}  overlays: {Path(args.out) / 'overlays'}")
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
