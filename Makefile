@@ -10,20 +10,21 @@ N_LABELED ?= 20
 SEEDS ?= 0
 RUNS ?= runs/$(DATASET)-$(PROFILE)
 METHODS ?= all
+EXECUTOR ?= local
 
 .PHONY: install demo test test-fast reproduce lab clean-runs help
 
 help:
 	@echo "make demo        run the whole pipeline on the embedded phantom (CPU, offline; ~20 min on 2 cores)"
 	@echo "make test        install if needed and run the test suite (offline, CPU)"
-	@echo "make reproduce   PROFILE=demo DATASET=hc18 N_LABELED=10,20,50 SEEDS=0,1,2 [DATA_ROOT=data]"
+	@echo "make reproduce   PROFILE=demo DATASET=hc18 N_LABELED=10,20,50 SEEDS=0,1,2 [DATA_ROOT=data] [EXECUTOR=ray]"
 	@echo "make lab         start JupyterLab on notebooks/"
 
 # a virtual environment with the project installed (re-done when pyproject.toml changes)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,cluster]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -40,7 +41,7 @@ demo: $(STAMP)
 
 reproduce: $(STAMP)
 	$(PY) -m tskd_utils.reproduce --profile $(PROFILE) --dataset $(DATASET) --data-root $(DATA_ROOT) \
-		--n-labeled $(N_LABELED) --seeds $(SEEDS) --methods $(METHODS) --out $(RUNS)
+		--n-labeled $(N_LABELED) --seeds $(SEEDS) --methods $(METHODS) --executor $(EXECUTOR) --out $(RUNS)
 
 lab: $(STAMP)
 	$(PY) -m pip install -q jupyterlab
