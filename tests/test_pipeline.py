@@ -13,7 +13,7 @@ import json
 import pandas as pd
 import pytest
 
-from tskd_utils import reproduce, training
+from tskd_utils import REPO_ROOT, reproduce, training
 from tskd_utils.evaluate import RESULT_COLUMNS
 from tskd_utils.run import ALL_METHODS
 
@@ -61,6 +61,12 @@ def test_sweep_interrupted_failing_and_resumed(sweep_dir, monkeypatch, capsys):
     assert results["dice"].between(0, 1).all() and (results["profile"] == "smoke").all()
     report = (out / "report.md").read_text()
     assert "| ts_kd |" in report and "Failed runs" in report and (out / "dice_vs_n_labeled.png").is_file()
+    # ts_kd against every other method, paired over the test cases of both seeds (issue 10, section 3)
+    paired = pd.read_csv(out / "paired.csv")
+    assert set(paired["other"]) == (set(ALL_METHODS) | {"teacher_frozen"}) - {"ts_kd"}
+    assert (paired["n_seeds"] == 2).all() and (paired["ci_low"] <= paired["mean_diff"]).all()
+    assert "### Paired comparisons: ts_kd against every other method" in report
+    assert not list((REPO_ROOT / "notebooks").glob("kernel-ipc*"))  # kernel sockets live in a private folder
     # 3rd sweep: finished runs are skipped
     code, log = _sweep(out, data_root, capsys)
     assert "n_labeled=4 seed=1: finished earlier, skipped" in log
