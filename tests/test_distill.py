@@ -12,41 +12,83 @@ from tskd_utils.teacher import load_teacher, train_teacher
 
 
 @pytest.fixture
-def trained_run(smoke_run, monkeypatch):
-    monkeypatch.setattr("tskd_utils.synthesis.synthetic_paths", lambda run: [])
-    train_teacher(smoke_run)
-    return smoke_run
+def trained_run(tmp_path, toy_root):
+    from tskd_utils.run import setup_run
+
+    run = setup_run(tmp_path / "runs" / "r0", profile="smoke", dataset="toy", data_root=toy_root, n_labeled=6,
+                    seed=0, overrides={"diffusion.n_synthetic": 0})
+    train_teacher(run)
+    return run
 
 
 def test_cached_targets_equal_the_live_teacher(trained_run):
     import numpy as np
     import torch.nn.functional as F
 
-    from tskd_utils.data import letterbox
+    from tskd_utils.features import images_to_tensor, teacher_inputs, valid_tensor
     from tskd_utils.io import read_image
-    from tskd_utils.teacher import images_to_tensor
 
     run = trained_run
     tg = distill.teacher_targets(run, synthetic=False)
     names, paths, _ = distill.transfer_set(run, synthetic=False)
     assert tg["names"] == names and tg["emb_ts"].dtype == torch.float16
-    ts, ta = load_teacher(run, "lora"), load_teacher(run, "pretrained")
-    size_t, size_s = run.profile.teacher.input_size, run.profile.data.image_size
-    x = images_to_tensor(np.stack([letterbox(read_image(p), size_t) for p in paths[:4]]), "cpu")
+    ts, ta = load_teacher(run, "selected"), load_teacher(run, "pretrained")
+    size_s, grid = run.profile.data.image_size, distill.student_grid(run)
+    boxed, valid = teacher_inputs([read_image(p) for p in paths[:4]], run.profile.teacher.input_size)
+    x, v = images_to_tensor(np.stack(boxed), "cpu"), valid_tensor(valid, "cpu")
     with torch.inference_mode():  # the live teacher on the raw images, no cache involved
-        emb = ts.encoder(x)
+        emb = ts.encoder(x, v)
         logits = F.interpolate(ts.head(emb), size=(size_s, size_s), mode="area")
-        emb_ta = ta.encoder(x)
-    for cached, live in ((tg["emb_ts"][:4], emb), (tg["logits_ts"][:4], logits), (tg["emb_ta"][:4], emb_ta)):
+        emb_ta = ta.encoder(x, v)
+    for cached, live in ((tg["emb_ts"][:4], F.adaptive_avg_pool2d(emb, grid)), (tg["logits_ts"][:4], logits),
+                         (tg["emb_ta"][:4], F.adaptive_avg_pool2d(emb_ta, grid))):
         assert cached.shape == live.shape
         assert torch.allclose(cached.float(), live, atol=2e-2, rtol=1e-2)  # fp16 storage (+ fp16 prefix)
-    assert not torch.allclose(tg["emb_ts"].float(), tg["emb_ta"].float(), atol=1e-3)  # LoRA changed it
+    assert tg["emb_ts"].shape[-1] == grid  # pooled to the student's token grid
+
+
+def test_the_transfer_set_is_labeled_plus_a_seeded_unlabeled_subset(tmp_path, toy_root):
+    from tskd_utils.run import setup_run
+
+    def composition(n_unlabeled, seed=0):
+        run = setup_run(tmp_path / f"r{n_unlabeled}-{seed}", profile="smoke", dataset="toy", data_root=toy_root,
+                        n_labeled=6, seed=seed, overrides={"diffusion.n_synthetic": 0,
+                                                           "distill.n_unlabeled": n_unlabeled})
+        names, _, _ = distill.transfer_set(run, synthetic=False)
+        return run, names
+
+    run, everything = composition(None)
+    assert sorted(everything) == sorted(run.splits["train"])
+    _, none = composition(0)
+    assert sorted(none) == sorted(run.splits["labeled"])
+    _, four = composition(4)
+    _, eight = composition(8)
+    assert len(four) == 6 + 4 and set(four) < set(eight) and set(run.splits["labeled"]) < set(four)
+    assert composition(4)[1] == four and composition(4, seed=1)[1] != four  # seeded
+    assert distill.transfer_composition(run, synthetic=False)["unlabeled"] == len(run.splits["unlabeled"])
+
+
+def test_the_teacher_never_runs_inside_a_student_epoch(trained_run, monkeypatch):
+    from tskd_utils.models import TeacherEncoder, TeacherSegmenter
+
+    distill.teacher_targets(run := trained_run, synthetic=False)  # the cache is filled once, here
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a teacher ran during student training")
+
+    for cls, names in ((TeacherEncoder, ("forward", "prefix", "suffix", "preprocess")),
+                       (TeacherSegmenter, ("forward", "from_prefix", "logits"))):
+        for name in names:
+            monkeypatch.setattr(cls, name, forbidden)
+    monkeypatch.setattr("tskd_utils.teacher.load_teacher", forbidden)
+    for method in ("ts_kd_nosyn", "ta_kd"):
+        assert distill.pretrain(run, method)["final_loss"] > 0
 
 
 def test_kd_loss_falls_on_a_fixed_batch():
     torch.manual_seed(0)
     student = build_student("vit_micro", 32, 3)
-    align = distill.FeatureAlign(student.embed_dim, 16, 8)
+    align = distill.FeatureAlign(student.embed_dim, 16)
     x = torch.rand(4, 1, 32, 32)
     emb, logits_t = torch.randn(4, 16, 8, 8), torch.randn(4, 3, 32, 32) * 3
     opt = torch.optim.AdamW(list(student.parameters()) + list(align.parameters()), lr=3e-3)
@@ -111,6 +153,7 @@ def test_every_method_end_to_end_and_the_teacher_is_never_updated(trained_run):
     assert {f: sha256sum(f) for f in teacher_files} == before
     ts = next(r for r in results if r["method"] == "ts_kd")
     assert "val_dice_after_pretrain" in ts and ts["transfer_set"] == run.splits["counts"]["train"]
+    assert (run.cache_dir / "targets" / "transfer_set.json").is_file()
     student = distill.load_student(run, "ts_kd")
     with torch.inference_mode():
         assert student(torch.rand(1, 1, 32, 32)).shape == (1, run.info.n_classes, 32, 32)

@@ -12,13 +12,24 @@ from conftest import REPO
 from tskd_utils.reproduce import NOTEBOOKS
 
 PARAMETERS = {"profile", "dataset", "data_root", "run_dir", "n_labeled", "seed", "overrides"}
+WITH_CORE = ("02_teacher_lora_finetuning", "03_diffusion_synthesis", "04_distillation")
+CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+# a result typed into prose (a score such as 0.87 or 0.311): results come from cells, not from the text
+TYPED_RESULT = re.compile(r"(?<![\w.`$])0\.\d{2,}(?![\w`])")
+
+
+def _load(name: str) -> dict:
+    return json.loads((REPO / "notebooks" / f"{name}.ipynb").read_text())
+
+
+def _code_lines(cell: dict) -> list[str]:
+    return [ln for ln in "".join(cell["source"]).splitlines() if ln.strip() and not ln.strip().startswith("#")]
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_contract(name):
     path = REPO / "notebooks" / f"{name}.ipynb"
-    nb = json.loads(path.read_text())
-    cells = nb["cells"]
+    cells = _load(name)["cells"]
     first = "".join(cells[0]["source"])
     assert cells[0]["cell_type"] == "markdown" and first.startswith("# ")
     assert "colab.research.google.com" in first and "kaggle.com" in first
@@ -37,6 +48,31 @@ def test_notebook_contract(name):
     for c in cells:
         if c["cell_type"] == "code":
             assert not c.get("outputs") and c.get("execution_count") is None, "outputs must be stripped"
-            code = [ln for ln in "".join(c["source"]).splitlines() if ln.strip() and not ln.strip().startswith("#")]
-            assert len(code) <= 20, f"a cell of {len(code)} lines belongs in tskd_utils"
+            assert len(_code_lines(c)) <= 20, f"a cell of {len(_code_lines(c))} lines belongs in tskd_utils"
     assert path.stat().st_size < 200_000
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_markdown_has_no_control_characters_and_no_typed_results(name):
+    for i, c in enumerate(_load(name)["cells"]):
+        if c["cell_type"] != "markdown":
+            continue
+        text = "".join(c["source"])
+        assert not CONTROL.search(text), f"cell {i}: a control character (an unescaped backslash in a formula?)"
+        prose = re.sub(r"`[^`]*`", "", text)  # code spans may name settings such as `0.999`
+        typed = TYPED_RESULT.findall(prose)
+        assert not typed, f"cell {i}: results typed into prose {typed}: print them from a cell instead"
+
+
+def test_the_checks_catch_what_they_should():
+    assert CONTROL.search("$\bar\\alpha$")  # "\b" became a backspace
+    assert TYPED_RESULT.findall("the FD is 0.311 against a floor of 0.011") == ["0.311", "0.011"]
+    assert not TYPED_RESULT.findall("`ema_decay=0.995`, 5.7 M parameters, 0.5 s")
+
+
+@pytest.mark.parametrize("name", WITH_CORE)
+def test_the_method_core_is_readable_code_in_the_notebook(name):
+    core = [c for c in _load(name)["cells"] if "core" in c.get("metadata", {}).get("tags", [])]
+    assert len(core) == 1, "one cell tagged 'core' shows the stage's method"
+    assert 10 <= len(_code_lines(core[0])) <= 20
+    assert "def " in "".join(core[0]["source"])  # a function the stage is given, not a call

@@ -13,7 +13,7 @@ pytestmark = [pytest.mark.realdata, pytest.mark.slow,
 
 
 def test_smoke_pipeline_on_an_hc18_subset(tmp_path):
-    from tskd_utils import distill, evaluate, synthesis, teacher
+    from tskd_utils import distill, evaluate, generation, teacher
     from tskd_utils.datasets import prepare
     from tskd_utils.run import ALL_METHODS, setup_run
 
@@ -22,8 +22,7 @@ def test_smoke_pipeline_on_an_hc18_subset(tmp_path):
     assert meta["n_cases"] == 60 and meta["classes"] == ["background", "fetal head"]
     run = setup_run(tmp_path / "runs" / "hc18_n6_s0", "smoke", "hc18", tmp_path / "data", n_labeled=6, seed=0)
     teacher.train_teacher(run)
-    synthesis.train_diffusion(run)
-    synthesis.generate(run)
+    generation.generate(run)
     distill.run_methods(run, "all")
     summary = evaluate.evaluate_run(run)
     assert summary["hd95_unit"] == "mm"  # HC18 has a pixel size for every image

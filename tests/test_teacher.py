@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
@@ -80,7 +81,7 @@ def test_litemedsam_lora_trains_under_two_percent(tmp_path):
     run = Run(tmp_path, get_profile("demo"), "x", tmp_path, 20, 0)
     enc = freeze(teacher.build_encoder(run))
     pm = teacher.add_lora(run, enc)
-    table = teacher.parameter_table(enc, pm, torch.nn.Conv2d(1, 1, 1))
+    table = teacher.parameter_table(pm, torch.nn.Conv2d(1, 1, 1))
     frac = table[1]["trainable_fraction_of_encoder"]
     assert 0 < frac < 0.02
     names = [n for n, p in pm.named_parameters() if p.requires_grad]
@@ -142,18 +143,38 @@ def test_adapter_round_trip_and_merge(tmp_path):
 
 
 def test_prefix_cache_matches_live_prefix_and_is_reused(tmp_path):
-    enc = freeze(build_teacher("tiny", 32))
-    enc.set_split([1])
     import numpy as np
 
+    from tskd_utils import features
+
+    enc = freeze(build_teacher("tiny", 32))
+    enc.set_split([1])
     images = [np.random.default_rng(i).integers(0, 255, (32, 32), dtype=np.uint8) for i in range(3)]
-    cache = teacher.FeatureCache(tmp_path)
-    got = cache.get_many(["a", "b", "c"], images, teacher.compute_prefix(enc, "cpu"))
-    live = teacher.compute_prefix(enc, "cpu")(np.stack(images))
+    valid = [(32, 32), (32, 20), (16, 32)]
+    cache = features.FeatureCache(tmp_path)
+    compute = features.compute_prefix(enc, "cpu")
+    got = cache.get_many(["a", "b", "c"], images, compute, valid)
+    live = compute(np.stack(images), valid)
     assert all(torch.allclose(g.float(), l, atol=2e-3, rtol=2e-3) for g, l in zip(got, live))
     calls = []
-    cache.get_many(["a", "b", "c"], images, lambda ims: calls.append(1))
+    cache.get_many(["a", "b", "c"], images, lambda ims, v: calls.append(1), valid)
     assert calls == []  # every feature came from disk
+    other = cache.get_many(["a"], images[:1], compute, [(20, 20)])  # another valid region: another entry
+    assert not torch.allclose(other[0].float(), got[0].float(), atol=1e-3)
+
+
+def test_bfloat16_prefix_is_close_to_float32():
+    from tskd_utils import features
+
+    enc = freeze(build_teacher("tiny", 32))
+    enc.set_split([1])
+    x = np.random.default_rng(0).integers(0, 255, (2, 32, 32), dtype=np.uint8)
+    f32 = features.compute_prefix(enc, "cpu", "float32")(x)
+    bf16 = features.compute_prefix(enc, "cpu", "bfloat16")(x)
+    rel = (bf16 - f32).norm() / f32.norm()
+    assert 0 < rel < 0.05
+    with pytest.raises(KeyError, match="prefix_dtype 'float8'"):
+        features.compute_prefix(enc, "cpu", "float8")
 
 
 def test_teacher_stage_trains_resumes_and_is_reused(smoke_run, monkeypatch):
@@ -212,7 +233,8 @@ def test_sam_decoder_head_trains_its_decoder_and_class_offsets_only(tmp_path):
     masks[:, 64:192, 64:192] = 1
     masks[:, 100:150, 100:150] = 2
     t = SimpleNamespace(batch_size=2, lr=1e-3, weight_decay=0.0, warmup_epochs=0, head_epochs=3)
-    hist = teacher.fit_head(head, emb, masks, emb[:2], masks[:2], t, tmp_path / "head", seed=0, device="cpu")
+    hist = teacher.fit_head(head, emb, masks, emb[:2], masks[:2], t, training.Stage(tmp_path / "head"), seed=0,
+                            device="cpu")
     assert hist[-1]["loss"] < hist[0]["loss"]
     assert head.class_prompts.abs().sum() > 0  # the classes have moved apart from the plain box prompt
     for k, v in head.prompt_encoder.state_dict().items():

@@ -1,4 +1,4 @@
-"""The resumable epoch loop shared by every stage."""
+"""The resumable epoch loop shared by every stage, and what makes a finished stage reusable."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from tskd_utils import training
 from tskd_utils.training import Stage, StageInterrupted, warmup_cosine
 
 
-def _make(tmp_path, force=False):
+def _make(tmp_path, force=False, inputs=None):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
     opt = torch.optim.AdamW(model.parameters(), lr=0.05)
@@ -31,40 +31,90 @@ def _make(tmp_path, force=False):
         with torch.no_grad():
             return {"val": -torch.nn.functional.mse_loss(model(x), y).item()}
 
-    stage = Stage(tmp_path / "stage", {"model": model}, opt, epochs=5, seed=3, scheduler=sched, monitor="val",
-                  force=force)
-    return stage, model, epoch, val
+    stage = Stage(tmp_path / "stage", inputs or {"settings": {"lr": 0.05}}, force=force)
+
+    def train(train_epoch=epoch):
+        return stage.train({"model": model}, opt, 5, train_epoch, val, seed=3, scheduler=sched, monitor="val")
+
+    return stage, model, train, val
 
 
 def test_interrupted_stage_resumes_to_the_same_result(tmp_path, monkeypatch):
-    ref_stage, ref_model, e, v = _make(tmp_path / "ref")
-    ref_hist = ref_stage.run(e, v)
+    _, ref_model, ref_train, _ = _make(tmp_path / "ref")
+    ref_hist = ref_train()
     monkeypatch.setenv(training.STOP_ENV, "stage:2")
-    stage, model, e, v = _make(tmp_path / "cut")
+    stage, model, train, _ = _make(tmp_path / "cut")
     with pytest.raises(StageInterrupted):
-        stage.run(e, v)
+        train()
     assert [r["epoch"] for r in training.history_of(tmp_path / "cut" / "stage")] == [1, 2]
     monkeypatch.delenv(training.STOP_ENV)
-    stage, model, e, v = _make(tmp_path / "cut")  # a new process would rebuild everything like this
-    hist = stage.run(e, v)
+    stage, model, train, _ = _make(tmp_path / "cut")  # a new process would rebuild everything like this
+    hist = train()
     assert stage.start_epoch == 2 and [r["epoch"] for r in hist] == [1, 2, 3, 4, 5]
     assert [round(r["loss"], 6) for r in hist] == [round(r["loss"], 6) for r in ref_hist]
     for a, b in zip(model.parameters(), ref_model.parameters()):
-        assert torch.allclose(a, b, atol=1e-6)
+        assert torch.equal(a, b)
+    assert not (tmp_path / "cut" / "stage" / "checkpoint").exists()  # removed once finished
 
 
 def test_finished_stage_is_reused_and_best_is_loaded(tmp_path):
-    stage, model, e, v = _make(tmp_path)
-    hist = stage.run(e, v)
-    best_epoch = max(hist, key=lambda r: r["val"])["epoch"]
+    stage, model, train, val = _make(tmp_path)
+    hist = train()
+    best = max(r["val"] for r in hist)
+    assert best > hist[0]["val"] + 0.01  # it learned, and the best epoch is not the first
     calls = []
-    stage2, model2, _, v2 = _make(tmp_path)
-    stage2.run(lambda ep: calls.append(ep) or {"loss": 0.0}, v2)
+    stage2, model2, train2, val2 = _make(tmp_path)
+    assert stage2.finished
+    train2(lambda ep: calls.append(ep) or {"loss": 0.0})
     assert calls == []  # not retrained
-    assert pytest.approx(v2()["val"], abs=1e-6) == max(r["val"] for r in hist)
-    assert stage2.done and best_epoch >= 1
-    stage3, _, e3, v3 = _make(tmp_path, force=True)
-    assert not stage3.done  # force starts over
+    assert val2()["val"] == pytest.approx(best, abs=1e-6)
+    stage3, _, _, _ = _make(tmp_path, force=True)
+    assert not stage3.finished  # force starts over
+
+
+def test_changed_inputs_reset_the_stage_and_say_why(tmp_path, capsys):
+    _, _, train, _ = _make(tmp_path)
+    train()
+    capsys.readouterr()
+    same, _, _, _ = _make(tmp_path)
+    assert same.finished and "recomputing" not in capsys.readouterr().out
+    changed, _, _, _ = _make(tmp_path, inputs={"settings": {"lr": 0.01}})
+    out = capsys.readouterr().out
+    assert not changed.finished and "settings.lr (0.05 -> 0.01)" in out and "recomputing" in out
+    assert not (tmp_path / "stage" / "final.safetensors").exists()
+
+
+def test_a_damaged_weights_file_is_an_error_naming_it(tmp_path):
+    _, model, train, _ = _make(tmp_path)
+    train()
+    path = tmp_path / "stage" / "best.safetensors"
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(training.DataError, match="best.safetensors"):
+        training.load_weights(path, {"model": model})
+
+
+def test_derived_seeds_are_distinct_and_stable():
+    a = training.derive_seed(0, "teacher", "lora")
+    assert a == training.derive_seed(0, "teacher", "lora")
+    assert len({a, training.derive_seed(1, "teacher", "lora"), training.derive_seed(0, "teacher", "head"),
+                training.derive_seed(0, "lora", "teacher")}) == 4
+    with training.seeded(a):
+        x = torch.rand(3)
+    state = torch.get_rng_state()
+    with training.seeded(a):
+        assert torch.equal(torch.rand(3), x)
+    assert torch.equal(torch.get_rng_state(), state)  # the global stream is left as it was
+
+
+def test_source_digest_follows_the_code():
+    def loss(a, b):
+        return (a - b).abs().mean()
+
+    def loss_edited(a, b):
+        return (a - b).square().mean()
+
+    assert training.source_digest(loss) != training.source_digest(loss_edited)
+    assert training.source_digest(loss) == training.source_digest(loss)
 
 
 def test_warmup_then_cosine():

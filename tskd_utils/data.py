@@ -5,11 +5,18 @@ the longest side of an image is resized to ``size`` and the result is zero-padde
 bottom/right to ``size x size`` (as SAM and MedSAM do). A teacher at 256 px and a student at
 128 px therefore see the same frame at two scales, and a prediction is mapped back to the
 original image by cropping the padding and resizing (:func:`unletterbox`).
+
+Every resize is centre-aligned (pixel centres map onto pixel centres), for images and label maps
+alike, so a mask never shifts against its image (:func:`resize_labels`): images use OpenCV's
+``INTER_AREA`` (as MedSAM's preprocessing does, enlarging too); label maps use *exact* nearest neighbour when enlarged
+(OpenCV ``INTER_NEAREST_EXACT``) and class-wise area averaging when shrunk. Plain nearest
+neighbour samples at ``floor(x * scale)`` and shifts a mask by up to half a pixel; even exact
+nearest neighbour shifts it by a quarter pixel at a factor of 2 (no source pixel centre lies on a
+target pixel centre), which area averaging does not.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -38,8 +45,8 @@ class Letterbox:
 
     @property
     def inner(self) -> tuple[int, int]:
-        """(rows, cols) of the resized image inside the square."""
-        return (max(1, int(round(self.h * self.scale))), max(1, int(round(self.w * self.scale))))
+        """(rows, cols) of the resized image inside the square (rounded half up, as SAM and MedSAM do)."""
+        return (max(1, int(self.h * self.scale + 0.5)), max(1, int(self.w * self.scale + 0.5)))
 
 
 def letterbox(arr: np.ndarray, size: int, is_mask: bool = False) -> np.ndarray:
@@ -48,13 +55,38 @@ def letterbox(arr: np.ndarray, size: int, is_mask: bool = False) -> np.ndarray:
     rows, cols = box.inner
     if (rows, cols) != arr.shape[:2]:
         if is_mask:
-            interp = cv2.INTER_NEAREST
+            arr = resize_labels(arr, (rows, cols))
         else:
-            interp = cv2.INTER_AREA if box.scale < 1 else cv2.INTER_LINEAR
-        arr = cv2.resize(arr, (cols, rows), interpolation=interp)
+            arr = cv2.resize(arr, (cols, rows), interpolation=cv2.INTER_AREA)  # as MedSAM, up and down
     out = np.zeros((size, size) + arr.shape[2:], dtype=arr.dtype)
     out[:rows, :cols] = arr
     return out
+
+
+def resize_labels(labels: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """Resize a uint8 label map to ``hw`` = (rows, cols) without shifting it against its image.
+
+    Enlarging: exact (centre-aligned) nearest neighbour. Shrinking: each class's indicator is area
+    averaged like the image's pixels and the largest fraction wins; a tie (frequent at integer
+    factors) goes to the class with more of a Gaussian-weighted neighbourhood, which is symmetric
+    and so does not move the boundary either.
+    """
+    rows, cols = int(hw[0]), int(hw[1])
+    if rows >= labels.shape[0] and cols >= labels.shape[1]:
+        return cv2.resize(labels, (cols, rows), interpolation=cv2.INTER_NEAREST_EXACT)
+    sigma = max(labels.shape[0] / rows, labels.shape[1] / cols)
+    fractions = []
+    for k in np.unique(labels):
+        indicator = (labels == k).astype(np.float32)
+        tie_break = 1e-3 * cv2.GaussianBlur(indicator, (0, 0), sigma)
+        fractions.append(cv2.resize(indicator + tie_break, (cols, rows), interpolation=cv2.INTER_AREA))
+    classes = np.unique(labels).astype(labels.dtype)
+    return classes[np.stack(fractions).argmax(0)]
+
+
+def letterbox_valid(shape: tuple, size: int) -> tuple[int, int]:
+    """(rows, cols) of the image part of a letterboxed ``size x size`` frame for an image of ``shape``."""
+    return Letterbox(int(shape[0]), int(shape[1]), size).inner
 
 
 def unletterbox(arr: np.ndarray | torch.Tensor, original_hw: tuple[int, int], is_mask: bool = False):
@@ -68,9 +100,8 @@ def unletterbox(arr: np.ndarray | torch.Tensor, original_hw: tuple[int, int], is
     rows, cols = Letterbox(original_hw[0], original_hw[1], size).inner
     t = t[..., :rows, :cols]
     if is_mask or t.ndim == 2:
-        t4 = t.reshape(1, 1, rows, cols).float()
-        out = torch.nn.functional.interpolate(t4, size=tuple(original_hw), mode="nearest")[0, 0]
-        return out.to(torch.as_tensor(arr).dtype)
+        out = resize_labels(np.ascontiguousarray(t.numpy().astype(np.uint8)), tuple(original_hw))
+        return torch.from_numpy(out).to(torch.as_tensor(arr).dtype)
     out = torch.nn.functional.interpolate(t[None].float(), size=tuple(original_hw), mode="bilinear",
                                           align_corners=False)[0]
     return out
@@ -121,7 +152,8 @@ class _Epoched:
 class SegmentationDataset(_Epoched, Dataset):
     """Image + mask pairs of some cases, letterboxed to ``size`` and held in memory.
 
-    Items: ``{"image": float32 (1, S, S) in [0, 1], "mask": int64 (S, S), "index": int, "case": str}``.
+    Items: ``{"image": float32 (1, S, S) in [0, 1], "mask": int64 (S, S), "valid": int64 (2,), "index": int,
+    "case": str}``.
     Every case is read and checked when the dataset is built, so a bad file fails early with
     its name in the error.
     """
@@ -129,10 +161,11 @@ class SegmentationDataset(_Epoched, Dataset):
     def __init__(self, info: DatasetInfo, cases: Sequence[str], size: int, train: bool = False,
                  augment: bool = True, seed: int = 0):
         self.info, self.cases, self.size, self.seed = info, list(cases), size, seed
-        self.images, self.masks, self.original_hw = [], [], []
+        self.images, self.masks, self.original_hw, self.valid = [], [], [], []
         for name in self.cases:
             image, mask = load_case(info, info.case(name))
             self.original_hw.append(image.shape)
+            self.valid.append(letterbox_valid(image.shape, size))
             self.images.append(letterbox(image, size))
             self.masks.append(letterbox(mask, size, is_mask=True))
         self.transform = build_transform(train and augment, seed)
@@ -148,6 +181,7 @@ class SegmentationDataset(_Epoched, Dataset):
         return {
             "image": torch.from_numpy(np.ascontiguousarray(image)).float().div_(255.0)[None],
             "mask": torch.from_numpy(np.ascontiguousarray(mask)).long(),
+            "valid": torch.tensor(self.valid[i]),  # (rows, cols) of the image inside the padding
             "index": i,
             "case": self.cases[i],
         }
@@ -187,18 +221,9 @@ def loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int = 
         shuffle, drop_last = False, True
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, num_workers=num_workers,
-        drop_last=drop_last, persistent_workers=False, collate_fn=_collate,
+        drop_last=drop_last, persistent_workers=False,
         worker_init_fn=_worker_init if num_workers else None,
     )
-
-
-def _collate(items: list[dict]) -> dict:
-    out = {}
-    for key in items[0]:
-        values = [it[key] for it in items]
-        out[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else (
-            torch.tensor(values) if isinstance(values[0], int) else values)
-    return out
 
 
 def _worker_init(worker_id: int) -> None:
@@ -298,11 +323,6 @@ def class_balance(info: DatasetInfo, cases: Optional[Sequence[str]] = None) -> d
         n += 1
     return {"class": info.classes, "pixel_fraction": (pix / max(n, 1)).tolist(),
             "cases_with_class": (present / max(n, 1)).tolist()}
-
-
-def grid_shape(n: int, cols: int = 4) -> tuple[int, int]:
-    cols = min(cols, n)
-    return math.ceil(n / cols), cols
 
 
 def dataset_summary(info: DatasetInfo) -> dict:

@@ -1,15 +1,19 @@
 """Stage 4: pretrain the student on the transfer set (TS-KD and the baselines), then fine-tune it.
 
 Methods (method.md): ``scratch``, ``ta_kd``, ``ts_kd``, ``ts_kd_nosyn``, ``mae``, ``mocov3``. Every
-method uses the same student architecture and initial weights, the same transfer set (real train
-images + synthetic ones; ``ts_kd_nosyn`` drops the synthetic ones) and the same fine-tuning.
+method uses the same student architecture and initial weights, the same transfer set and the same
+fine-tuning; ``ts_kd_nosyn`` drops the synthetic images.
 
-Teacher targets are computed once per transfer image and cached in ``<run>/cache/targets/``
-(fp16 safetensors): the fine-tuned teacher's embedding and class logits (``ts``), and the
-pretrained encoder's embedding (``ta``). Student epochs read the cache; the teacher never runs
-inside them. Teacher logits are computed at the teacher's input size and area-averaged to the
-student's grid (the two share the letterbox frame, so this is a plain downscale); logits rather
-than probabilities are stored so that the temperature can be applied at training time.
+**The transfer set** is the labeled cases, ``distill.n_unlabeled`` of the unlabeled train cases
+(a seeded subset; all by default) and the synthetic images (``diffusion.n_synthetic``). Its
+composition is recorded in ``<run>/cache/targets/transfer_set.json``.
+
+**Teacher targets** are computed once per transfer image and cached in ``<run>/cache/targets/``
+(fp16 safetensors): the selected teacher's embedding **average-pooled to the student's token grid**
+(16x smaller than LiteMedSAM's 64x64 map, and the student's features need no upsampling), its class
+logits area-averaged to the student's input size (the two share the letterbox frame; logits, not
+probabilities, so the temperature applies at training time), and the pretrained encoder's pooled
+embedding for ``ta_kd``. Student epochs read the cache; the teacher never runs inside them.
 
 Augmentation on the distillation path is a horizontal flip applied identically to the image and
 its targets, plus photometric changes (brightness, contrast, noise) of the image only.
@@ -17,115 +21,136 @@ its targets, plus photometric changes (brightness, contrast, noise) of the image
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .data import SegmentationDataset, letterbox, loader
-from .io import read_image, read_json, sha256sum, write_json
+from .features import FeatureCache, images_to_tensor, run_suffix, teacher_inputs, teacher_prefix
+from .io import DataError, read_image, read_json, safe_join, write_json
+from .losses import kd_loss, segmentation_loss
 from .metrics import mean_foreground_dice
 from .models import Student, build_student
 from .pretrain import MAE, MoCoV3
 from .run import METHODS, Run, check_methods
-from .teacher import FeatureCache, _loss_fn, load_teacher, teacher_prefix
-from .training import Stage, autocast, grad_scaler, load_weights, save_weights, warmup_cosine
+from .training import (Stage, autocast, file_digest, grad_scaler, load_weights, optimizer_step, save_weights, seeded,
+                       source_digest, value_digest, warmup_cosine)
 
 KD_METHODS = ("ts_kd", "ts_kd_nosyn", "ta_kd")
+TARGETS_VERSION = 2  # bump when what a cached target file holds changes
 
 
 # ------------------------------------------------------------------------------ transfer set
 
 
-def transfer_set(run: Run, synthetic: bool = True) -> tuple[list[str], list[Path], list[bool]]:
-    """(names, image paths, is_synthetic) of the transfer set: all train images (+ synthetic ones)."""
-    names, paths, flags = [], [], []
-    for case in run.splits["train"]:
-        names.append(case)
-        paths.append(run.info.case(case).image)
-        flags.append(False)
-    if synthetic:
-        from .synthesis import synthetic_paths
+def unlabeled_subset(run: Run) -> list[str]:
+    """``distill.n_unlabeled`` unlabeled train cases (all when None), a seeded draw: for one seed a smaller
+    subset is part of a larger one."""
+    pool, n = list(run.splits["unlabeled"]), run.profile.distill.n_unlabeled
+    if n is None or n >= len(pool):
+        return pool
+    if n < 0:
+        raise DataError(f"distill.n_unlabeled must be >= 0 or None (all), got {n}")
+    order = np.random.default_rng(run.seed_for("transfer set")).permutation(len(pool))
+    return sorted(pool[i] for i in order[:n])
 
-        for p in synthetic_paths(run):
-            names.append(p.stem)
-            paths.append(p)
-            flags.append(True)
+
+def transfer_set(run: Run, synthetic: bool = True) -> tuple[list[str], list[Path], list[bool]]:
+    """(names, image paths, is_synthetic) of the transfer set: the labeled cases, the chosen unlabeled
+    ones and (with ``synthetic``) the synthetic images."""
+    real = sorted(run.splits["labeled"] + unlabeled_subset(run))
+    names, paths, flags = real, [run.info.case(c).image for c in real], [False] * len(real)
+    if synthetic:
+        from .generation import synthetic_paths
+
+        syn = synthetic_paths(run)
+        names, paths, flags = names + [p.stem for p in syn], paths + syn, flags + [True] * len(syn)
     return names, paths, flags
+
+
+def transfer_composition(run: Run, synthetic: bool = True) -> dict:
+    names, _, flags = transfer_set(run, synthetic)
+    n_syn = sum(flags)
+    return {"labeled": len(run.splits["labeled"]), "unlabeled": len(names) - n_syn - len(run.splits["labeled"]),
+            "unlabeled_available": len(run.splits["unlabeled"]), "synthetic": n_syn, "total": len(names)}
+
+
+def _synthetic_digest(run: Run) -> str:
+    record = run.synthetic_dir / "synthetic.json"
+    return value_digest(read_json(record).get("model_sha256") if record.is_file() else None)
 
 
 # ---------------------------------------------------------------------------- teacher targets
 
 
-def _teacher_fingerprint(run: Run) -> str:
-    files = [run.teacher_dir / "head.safetensors", run.teacher_dir / "adapter" / "adapter_model.safetensors"]
-    return "-".join(sha256sum(f)[:12] for f in files if f.is_file())
+def student_grid(run: Run) -> int:
+    from .models import STUDENTS
+
+    return run.profile.data.image_size // STUDENTS[run.profile.student.name]["patch_size"]
 
 
-def teacher_targets(run: Run, synthetic: bool = True, kinds: Sequence[str] = ("ts", "ta"),
-                    batch_size: int = 4) -> dict:
+def _compute_targets(run: Run, todo: list, keys, names, boxed, valid, flags, out_dir: Path, grid: int) -> None:
+    from .teacher import load_teacher
+
+    size_s = run.profile.data.image_size
+    ts_model, ta_model = load_teacher(run, "selected"), load_teacher(run, "pretrained")
+    t0 = time.perf_counter()
+    for synth in (False, True):
+        idx = [i for i in todo if flags[i] == synth]
+        if not idx:
+            continue
+        prefix = teacher_prefix(run, ts_model.encoder, [names[i] for i in idx], [boxed[i] for i in idx],
+                                [valid[i] for i in idx], synthetic=synth)
+        for j, i in enumerate(tqdm(idx, desc="teacher targets", dynamic_ncols=True)):
+            (emb_ts, logits), emb_ta = run_suffix(ts_model.from_prefix, prefix[j:j + 1], run.device)[0], \
+                run_suffix(ta_model.encoder.suffix, prefix[j:j + 1], run.device)[0]
+            target = {"emb_ts": F.adaptive_avg_pool2d(emb_ts, grid)[0], "emb_ta": F.adaptive_avg_pool2d(emb_ta, grid)[0],
+                      "logits_ts": F.interpolate(logits, size=(size_s, size_s), mode="area")[0]}
+            FeatureCache(out_dir).save(keys[i], {k: v.half() for k, v in target.items()})
+    print(f"teacher targets for {len(todo)} images in {time.perf_counter() - t0:.1f} s -> {out_dir}")
+
+
+def teacher_targets(run: Run, synthetic: bool = True, kinds: Sequence[str] = ("ts", "ta")) -> dict:
     """Load (computing what is missing) the cached teacher targets of the transfer set.
 
-    Returns ``{"names", "images" (uint8 at the student size), "emb_ts", "logits_ts", "emb_ta"}``
-    with one fp16 tensor stack per kind asked for.
+    Returns ``{"names", "synthetic", "images" (uint8 at the student size), "emb_ts", "logits_ts", "emb_ta",
+    "digest"}`` with one fp16 tensor stack per kind asked for; ``digest`` fingerprints the targets.
     """
+    from .teacher import teacher_digest
+
     size_t, size_s = run.profile.teacher.input_size, run.profile.data.image_size
     names, paths, flags = transfer_set(run, synthetic)
     raw = [read_image(p) for p in paths]
-    images_t = [letterbox(im, size_t) for im in raw]
-    out_dir = run.cache_dir / "targets"
+    boxed, valid = teacher_inputs(raw, size_t)
+    out_dir, grid = run.cache_dir / "targets", student_grid(run)
+    fingerprint = {"version": TARGETS_VERSION, "teacher": teacher_digest(run), "teacher_size": size_t,
+                   "student_size": size_s, "grid": grid, "prefix_dtype": run.profile.teacher.prefix_dtype}
     meta_path = out_dir / "meta.json"
-    fingerprint = {"teacher": _teacher_fingerprint(run), "teacher_size": size_t, "student_size": size_s}
     if meta_path.is_file() and read_json(meta_path) != fingerprint:
-        print(f"the teacher changed since {out_dir} was filled: recomputing its targets")
+        print(f"the teacher or the student's grid changed since {out_dir} was filled: recomputing its targets")
         for f in out_dir.glob("*.safetensors"):
             f.unlink()
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(meta_path, fingerprint)
-    keys = [FeatureCache.key(n, im) for n, im in zip(names, images_t)]
-    todo = [i for i, k in enumerate(keys) if not (out_dir / f"{k}.safetensors").is_file()]
+    if not meta_path.is_file() or read_json(meta_path) != fingerprint:
+        write_json(meta_path, fingerprint)
+    write_json(out_dir / ("transfer_set.json" if synthetic else "transfer_set_real.json"),
+               {**transfer_composition(run, synthetic), "names": names})
+    keys = [FeatureCache.key(n, im, v) for n, im, v in zip(names, boxed, valid)]
+    todo = [i for i, k in enumerate(keys) if not FeatureCache(out_dir).path(k).is_file()]
     if todo:
-        device = run.device
-        ts_model = load_teacher(run, "lora", device)
-        ta_model = load_teacher(run, "pretrained", device)
-        t0 = time.perf_counter()
-        for synth in (False, True):
-            idx = [i for i in todo if flags[i] == synth]
-            if not idx:
-                continue
-            prefix = teacher_prefix(run, ts_model.encoder, [names[i] for i in idx], [images_t[i] for i in idx],
-                                    synthetic=synth)
-            with torch.inference_mode():
-                for start in tqdm(range(0, len(idx), batch_size), desc="teacher targets", dynamic_ncols=True):
-                    chunk = idx[start:start + batch_size]
-                    h = torch.stack(prefix[start:start + batch_size]).float().to(device)
-                    emb_ts, logits = ts_model.from_prefix(h)
-                    logits = F.interpolate(logits.float(), size=(size_s, size_s), mode="area")
-                    emb_ta = ta_model.encoder.suffix(h)
-                    for j, i in enumerate(chunk):
-                        tmp = out_dir / f".{keys[i]}.tmp"
-                        save_file({"emb_ts": emb_ts[j].half().cpu().contiguous(),
-                                   "logits_ts": logits[j].half().cpu().contiguous(),
-                                   "emb_ta": emb_ta[j].half().cpu().contiguous()}, str(tmp))
-                        tmp.replace(out_dir / f"{keys[i]}.safetensors")
-        print(f"teacher targets for {len(todo)} images in {time.perf_counter() - t0:.1f} s -> {out_dir}")
-    wanted = {"ts": ("emb_ts", "logits_ts"), "ta": ("emb_ta",)}
-    fields = [f for k in kinds for f in wanted[k]]
-    stacks: dict = {f: [] for f in fields}
-    for k in keys:
-        d = load_file(str(out_dir / f"{k}.safetensors"))
-        for f in fields:
-            stacks[f].append(d[f])
-    result = {f: torch.stack(v) for f, v in stacks.items()}
-    result["names"] = names
-    result["synthetic"] = flags
-    result["images"] = np.stack([letterbox(im, size_s) for im in raw])
+        _compute_targets(run, todo, keys, names, boxed, valid, flags, out_dir, grid)
+    fields = [f for k in kinds for f in {"ts": ("emb_ts", "logits_ts"), "ta": ("emb_ta",)}[k]]
+    loaded = [FeatureCache(out_dir).load_all(k) for k in keys]
+    result = {f: torch.stack([d[f] for d in loaded]) for f in fields}
+    result.update(names=names, synthetic=flags, images=np.stack([letterbox(im, size_s) for im in raw]),
+                  digest=value_digest([fingerprint, keys]))
     return result
 
 
@@ -161,93 +186,110 @@ def two_views(x: torch.Tensor, out_size: int) -> torch.Tensor:
         left = int(torch.randint(0, w - cw + 1, (1,)))
         crop = x[i:i + 1, :, top:top + ch, left:left + cw]
         views.append(F.interpolate(crop, size=(out_size, out_size), mode="bilinear", align_corners=False))
-    v = torch.cat(views)
-    return flip_photometric(v)[0]
+    return flip_photometric(torch.cat(views))[0]
 
 
 # ------------------------------------------------------------------------------ pretraining
 
 
 class FeatureAlign(nn.Module):
-    """Student features (B, Cs, gs, gs) -> teacher embedding space (B, Ct, gt, gt): 1x1 conv, then
-    bilinear resize to the teacher's grid."""
+    """Student features (B, Cs, g, g) -> teacher embedding space (B, Ct, g, g): a 1x1 convolution (the
+    cached teacher embedding is already pooled to the student's grid)."""
 
-    def __init__(self, c_student: int, c_teacher: int, grid_teacher: int):
+    def __init__(self, c_student: int, c_teacher: int):
         super().__init__()
         self.proj = nn.Conv2d(c_student, c_teacher, 1)
-        self.grid = grid_teacher
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
-        f = self.proj(f)
-        if f.shape[-1] != self.grid:
-            f = F.interpolate(f, size=(self.grid, self.grid), mode="bilinear", align_corners=False)
-        return f
-
-
-def kd_loss(student: Student, align: FeatureAlign, x: torch.Tensor, emb: torch.Tensor,
-            logits_t: Optional[torch.Tensor], feature_weight: float, output_weight: float,
-            temperature: float) -> tuple[torch.Tensor, dict]:
-    """Feature MSE (+ temperature-scaled KL between per-pixel class distributions)."""
-    feats, logits_s = student.forward_with_features(x)
-    feat = F.mse_loss(align(feats), emb.float())
-    parts = {"feature_loss": feat.item()}
-    loss = feature_weight * feat
-    if logits_t is not None:
-        T = temperature
-        log_p_s = F.log_softmax(logits_s / T, dim=1)
-        p_t = F.softmax(logits_t.float() / T, dim=1)
-        kl = F.kl_div(log_p_s, p_t, reduction="none").sum(1).mean() * T * T
-        parts["output_loss"] = kl.item()
-        loss = loss + output_weight * kl
-    return loss, parts
+        return self.proj(f)
 
 
 def new_student(run: Run) -> Student:
+    """A freshly initialised student: the same initial weights for every method of the run."""
     s = run.profile.student
     return build_student(s.name, run.profile.data.image_size, run.info.n_classes, s.decoder_channels,
-                         seed=run.seed).to(run.device)
+                         seed=run.seed_for("student init")).to(run.device)
 
 
 def method_dir(run: Run, method: str) -> Path:
     return run.students_dir / method
 
 
-def pretrain(run: Run, method: str, force: bool = False) -> dict:
+def _kd_parts(run: Run, method: str, student: Student, loss_fn: Callable):
+    """(images, inputs digest part, extra modules, batch loss) of a KD method."""
+    d = run.profile.distill
+    tg = teacher_targets(run, synthetic=method != "ts_kd_nosyn", kinds=("ta",) if method == "ta_kd" else ("ts",))
+    emb = tg["emb_ta"] if method == "ta_kd" else tg["emb_ts"]
+    logits_t = None if method == "ta_kd" else tg["logits_ts"]
+    with seeded(run.seed_for("pretrain", method, "align")):
+        align = FeatureAlign(student.embed_dim, emb.shape[1]).to(run.device)
+
+    def batch_loss(x, idx, epoch, step):
+        targets = (emb[idx].to(run.device),) + ((logits_t[idx].to(run.device),) if logits_t is not None else ())
+        x, *targets = flip_photometric(x, *targets, flip=d.flip)
+        return loss_fn(student, align, x, targets[0], targets[1] if logits_t is not None else None,
+                       d.feature_weight, d.output_weight, d.temperature)
+
+    info = {"synthetic": int(sum(tg["synthetic"]))}
+    return tg["images"], {"targets": tg["digest"]}, {"align": align}, batch_loss, info
+
+
+def _ssl_parts(run: Run, method: str, student: Student):
+    """(images, inputs digest part, extra modules, batch loss) of MAE or MoCo v3."""
+    d, size = run.profile.distill, run.profile.data.image_size
+    names, paths, flags = transfer_set(run, synthetic=True)
+    images = np.stack([letterbox(read_image(p), size) for p in paths])
+    with seeded(run.seed_for("pretrain", method, "wrapper")):
+        wrapper = (MAE(student, d.mae_mask_ratio, d.mae_decoder_dim, d.mae_decoder_depth) if method == "mae"
+                   else MoCoV3(student, d.moco_dim, d.moco_hidden, d.moco_temperature)).to(run.device)
+
+    def batch_loss(x, idx, epoch, step):
+        if method == "mae":
+            return wrapper(flip_photometric(x, flip=d.flip)[0])[0], {}
+        return wrapper(two_views(x, x.shape[-1]), two_views(x, x.shape[-1])), {}
+
+    digest = {"transfer set": value_digest([names, _synthetic_digest(run)])}
+    return images, digest, {"wrapper": wrapper}, batch_loss, {"synthetic": int(sum(flags))}
+
+
+def pretrain(run: Run, method: str, force: bool = False, loss_fn: Optional[Callable] = None) -> dict:
     """Pretrain a fresh student on the transfer set with ``method``; returns timing/loss info.
 
-    The result is ``students/<method>/pretrain/final.safetensors`` (student + the method's extras).
+    ``loss_fn``: the KD objective (``kd_loss``'s signature; notebook 04 writes it out). The result is
+    ``students/<method>/pretrain/final.safetensors`` (student + the method's extras).
     """
     check_methods([method])
-    prof, d = run.profile, run.profile.distill
-    device, student = run.device, new_student(run)
-    out = method_dir(run, method) / "pretrain"
     if method == "scratch":
         return {"method": method, "pretrain_seconds": 0.0}
-    t_start = time.perf_counter()
-    synthetic = method not in ("ts_kd_nosyn",)
-    if method in KD_METHODS:
-        tg = teacher_targets(run, synthetic=synthetic, kinds=("ts",) if method != "ta_kd" else ("ta",))
-        emb = tg["emb_ts"] if method != "ta_kd" else tg["emb_ta"]
-        logits_t = tg.get("logits_ts") if method != "ta_kd" else None
-        align = FeatureAlign(student.embed_dim, emb.shape[1], emb.shape[-1]).to(device)
-        extras = {"align": align}
-    else:
-        names, paths, _ = transfer_set(run, synthetic)
-        tg = {"images": np.stack([letterbox(read_image(p), prof.data.image_size) for p in paths]), "names": names}
-        wrapper = MAE(student, d.mae_mask_ratio, d.mae_decoder_dim, d.mae_decoder_depth) if method == "mae" \
-            else MoCoV3(student, d.moco_dim, d.moco_hidden, d.moco_temperature)
-        wrapper.to(device)
-        extras = {"wrapper": wrapper}
-    images = torch.from_numpy(tg["images"]).float().div_(255.0)[:, None]
-    n = len(images)
-    setup_seconds = time.perf_counter() - t_start
+    d, student, t_start = run.profile.distill, new_student(run), time.perf_counter()
+    loss_fn = loss_fn or kd_loss
+    parts = _kd_parts(run, method, student, loss_fn) if method in KD_METHODS else _ssl_parts(run, method, student)
+    images_u8, digest, extras, batch_loss, info = parts
+    inputs = {**digest, **run.settings("distill", "student"), "image_size": run.profile.data.image_size,
+              "seed": run.seed, **({"loss": source_digest(loss_fn)} if method in KD_METHODS else {})}
+    stage = Stage(method_dir(run, method) / "pretrain", inputs, desc=f"{method}: pretraining on {len(images_u8)} "
+                  f"images", force=force)
     modules = {"student": student, **extras}
-    params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
-    params = list({id(p): p for p in params}.values())
-    steps = max(1, n // d.batch_size) if n >= d.batch_size else 1
+    images = torch.from_numpy(images_u8).float().div_(255.0)[:, None]
+    validate = _kd_validation(run, student) if method in ("ts_kd", "ts_kd_nosyn") else None
+    hist = stage.train(modules, **_pretrain_loop(run, method, modules, images, batch_loss), validate=validate,
+                       seed=run.seed_for("pretrain", method))
+    info.update(method=method, transfer_set=len(images), final_loss=hist[-1]["loss"] if hist else None,
+                pretrain_seconds=round(sum(r["seconds"] for r in hist) + time.perf_counter() - t_start, 2))
+    if hist and "val_dice" in hist[-1]:
+        info["val_dice_after_pretrain"] = hist[-1]["val_dice"]
+    return info
+
+
+def _pretrain_loop(run: Run, method: str, modules: dict, images: torch.Tensor, batch_loss: Callable) -> dict:
+    """The optimizer, schedule and epoch function of a pretraining stage (arguments of Stage.train)."""
+    d, device, n = run.profile.distill, run.device, len(images)
+    params = list({id(p): p for m in modules.values() for p in m.parameters() if p.requires_grad}.values())
+    n_batches = max(1, n // d.batch_size)
     opt = torch.optim.AdamW(params, lr=d.lr, weight_decay=d.weight_decay)
-    sched = warmup_cosine(opt, d.warmup_epochs * steps, d.epochs * steps)
+    sched = warmup_cosine(opt, d.warmup_epochs * n_batches, d.epochs * n_batches)
     scaler = grad_scaler(device)
+    wrapper = modules.get("wrapper")
 
     def epoch_fn(epoch: int) -> dict:
         for m in modules.values():
@@ -256,25 +298,9 @@ def pretrain(run: Run, method: str, force: bool = False) -> dict:
         batches = [order[i:i + d.batch_size] for i in range(0, n - d.batch_size + 1, d.batch_size)] or [order]
         sums: dict = {}
         for k, idx in enumerate(batches):
-            x = images[idx].to(device)
             with autocast(device):
-                if method in KD_METHODS:
-                    targets = (emb[idx].to(device),) + ((logits_t[idx].to(device),) if logits_t is not None else ())
-                    x, *targets = flip_photometric(x, *targets, flip=d.flip)
-                    loss, parts = kd_loss(student, align, x, targets[0], targets[1] if len(targets) > 1 else None,
-                                          d.feature_weight, d.output_weight, d.temperature)
-                elif method == "mae":
-                    x = flip_photometric(x, flip=d.flip)[0]
-                    loss = wrapper(x)[0]
-                    parts = {}
-                else:  # mocov3
-                    loss = wrapper(two_views(x, x.shape[-1]), two_views(x, x.shape[-1]))
-                    parts = {}
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
+                loss, parts = batch_loss(images[idx].to(device), idx, epoch, k)
+            optimizer_step(loss, opt, scaler, sched)
             if method == "mocov3":  # momentum rises from moco_momentum to 1 (cosine), as in MoCo v3
                 progress = (epoch * len(batches) + k) / max(1, d.epochs * len(batches))
                 wrapper.update_momentum(1 - (1 - d.moco_momentum) * (np.cos(np.pi * progress) + 1) / 2)
@@ -282,22 +308,14 @@ def pretrain(run: Run, method: str, force: bool = False) -> dict:
                 sums[key] = sums.get(key, 0.0) + v
         return {k: v / len(batches) for k, v in sums.items()}
 
-    validate = None
-    if method in ("ts_kd", "ts_kd_nosyn"):  # the decoder learned the teacher's outputs: score it as is
-        val_ds = SegmentationDataset(run.info, run.splits["val"], prof.data.image_size)
+    return {"optimizer": opt, "epochs": d.epochs, "train_epoch": epoch_fn, "scheduler": sched, "scaler": scaler}
 
-        def validate():
-            return {"val_dice": val_dice(student, val_ds, device, prof.finetune.batch_size)}
 
-    stage = Stage(out, modules, opt, d.epochs, seed=run.seed, scheduler=sched, scaler=scaler,
-                  desc=f"{method}: pretraining on {n} images", force=force)
-    hist = stage.run(epoch_fn, validate)
-    info = {"method": method, "transfer_set": n, "synthetic": int(sum(tg.get("synthetic", [False] * n))) if
-            method in KD_METHODS else None, "pretrain_seconds": round(sum(r["seconds"] for r in hist) + setup_seconds, 2),
-            "final_loss": hist[-1]["loss"] if hist else None}
-    if validate is not None and hist:
-        info["val_dice_after_pretrain"] = hist[-1]["val_dice"]
-    return info
+def _kd_validation(run: Run, student: Student) -> Callable:
+    """Validation Dice of a TS-KD student straight after distillation (its decoder learned the teacher's
+    outputs): what the teacher alone taught it, before any label."""
+    val_ds = SegmentationDataset(run.info, run.splits["val"], run.profile.data.image_size)
+    return lambda: {"val_dice": val_dice(student, val_ds, run.device, run.profile.finetune.batch_size)}
 
 
 # -------------------------------------------------------------------------------- fine-tuning
@@ -316,24 +334,26 @@ def val_dice(model: nn.Module, ds: SegmentationDataset, device: str, batch_size:
 def finetune(run: Run, method: str, force: bool = False) -> dict:
     """Fine-tune the pretrained student on the n_labeled cases (Dice + CE); keep the best by val Dice."""
     check_methods([method])
-    prof, f = run.profile, run.profile.finetune
-    device = run.device
+    prof, f, device = run.profile, run.profile.finetune, run.device
     student = new_student(run)
+    pre = method_dir(run, method) / "pretrain" / "final.safetensors"
     if method != "scratch":
-        pre = method_dir(run, method) / "pretrain" / "final.safetensors"
         if not pre.is_file():
             raise FileNotFoundError(f"{pre} is missing: pretrain {method!r} first (tskd_utils.distill.pretrain)")
         load_weights(pre, {"student": student})
+    inputs = {"pretrained": file_digest(pre) if method != "scratch" else "none", "split": run.split_digest(
+        "labeled", "val"), **run.settings("finetune", "student"), "image_size": prof.data.image_size,
+        "seed": run.seed, "loss": source_digest(segmentation_loss)}
     train_ds = SegmentationDataset(run.info, run.splits["labeled"], prof.data.image_size, train=True,
                                    augment=f.augment, seed=run.seed)
+    stage = Stage(method_dir(run, method) / "finetune", inputs, force=force,
+                  desc=f"{method}: fine-tuning on {len(train_ds)} labeled")
     val_ds = SegmentationDataset(run.info, run.splits["val"], prof.data.image_size)
     dl = loader(train_ds, f.batch_size, shuffle=True, num_workers=prof.data.num_workers,
                 drop_last=len(train_ds) > f.batch_size, steps=f.steps_per_epoch)
-    steps = max(1, len(dl))
     opt = torch.optim.AdamW(student.parameters(), lr=f.lr, weight_decay=f.weight_decay)
-    sched = warmup_cosine(opt, f.warmup_epochs * steps, f.epochs * steps)
+    sched = warmup_cosine(opt, f.warmup_epochs * max(1, len(dl)), f.epochs * max(1, len(dl)))
     scaler = grad_scaler(device)
-    loss_fn = _loss_fn()
 
     def epoch_fn(epoch: int) -> dict:
         student.train()
@@ -341,38 +361,30 @@ def finetune(run: Run, method: str, force: bool = False) -> dict:
         total, count = 0.0, 0
         for batch in dl:
             with autocast(device):
-                logits = student(batch["image"].to(device))
-                loss = loss_fn(logits.float(), batch["mask"][:, None].to(device))
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
-            total += loss.item() * len(batch["index"])
-            count += len(batch["index"])
+                loss = segmentation_loss(student(batch["image"].to(device)), batch["mask"].to(device))
+            optimizer_step(loss, opt, scaler, sched)
+            total, count = total + loss.item() * len(batch["index"]), count + len(batch["index"])
         return {"loss": total / max(count, 1)}
 
-    stage = Stage(method_dir(run, method) / "finetune", {"student": student}, opt, f.epochs, seed=run.seed,
-                  scheduler=sched, scaler=scaler, monitor="val_dice", desc=f"{method}: fine-tuning on "
-                  f"{len(train_ds)} labeled", force=force)
-    hist = stage.run(epoch_fn, lambda: {"val_dice": val_dice(student, val_ds, device, f.batch_size)})
+    hist = stage.train({"student": student}, opt, f.epochs, epoch_fn,
+                       lambda: {"val_dice": val_dice(student, val_ds, device, f.batch_size)},
+                       seed=run.seed_for("finetune", method), scheduler=sched, scaler=scaler, monitor="val_dice")
     save_weights(method_dir(run, method) / "student.safetensors", {"student": student},
                  {"method": method, "student": prof.student.name})
     return {"method": method, "finetune_seconds": round(sum(r["seconds"] for r in hist), 2),
             "best_val_dice": max(r["val_dice"] for r in hist), "epochs": f.epochs}
 
 
-def run_method(run: Run, method: str, force: bool = False) -> dict:
+def run_method(run: Run, method: str, force: bool = False, loss_fn: Optional[Callable] = None) -> dict:
     """Pretrain (if the method has a pretraining stage) and fine-tune; results in students/<method>/."""
-    info = pretrain(run, method, force=force)
+    info = pretrain(run, method, force=force, loss_fn=loss_fn)
     info.update(finetune(run, method, force=force))
     write_json(method_dir(run, method) / "metrics.json", info)
     return info
 
 
-def run_methods(run: Run, methods=None, force: bool = False) -> list[dict]:
-    methods = check_methods(methods)
-    return [run_method(run, m, force=force) for m in methods]
+def run_methods(run: Run, methods=None, force: bool = False, loss_fn: Optional[Callable] = None) -> list[dict]:
+    return [run_method(run, m, force=force, loss_fn=loss_fn) for m in check_methods(methods)]
 
 
 def load_student(run: Run, method: str, device: Optional[str] = None) -> Student:
@@ -386,28 +398,24 @@ def load_student(run: Run, method: str, device: Optional[str] = None) -> Student
     return student.to(device or run.device).eval()
 
 
-
-
 def embedding_pictures(run: Run, cases: Sequence[str], method: str = "ts_kd") -> dict:
     """PCA pictures of the teacher embedding and of the student's features before (random init) and
     after pretraining with ``method``, for a few cases (each map's own 3 principal components)."""
-    from .teacher import images_to_tensor
+    from .features import valid_tensor
+    from .teacher import load_teacher
     from .viz import pca_rgb
 
     size_t, size_s = run.profile.teacher.input_size, run.profile.data.image_size
     raw = [read_image(run.info.case(c).image) for c in cases]
-    ts = load_teacher(run, "lora")
-    before = new_student(run).eval()
-    after = new_student(run).eval()
+    boxed, valid = teacher_inputs(raw, size_t)
+    ts = load_teacher(run, "selected")
+    before, after = new_student(run).eval(), new_student(run).eval()
     load_weights(method_dir(run, method) / "pretrain" / "final.safetensors", {"student": after})
-    rows = {"image": [letterbox(im, size_s) for im in raw], "teacher embedding": [], "student before": [],
-            "student after": []}
+    x = images_to_tensor(np.stack([letterbox(im, size_s) for im in raw]), run.device)
     with torch.inference_mode():
-        emb = ts.encoder(images_to_tensor(np.stack([letterbox(im, size_t) for im in raw]), run.device))
-        x = images_to_tensor(np.stack([letterbox(im, size_s) for im in raw]), run.device)
+        emb = ts.encoder(images_to_tensor(np.stack(boxed), run.device), valid_tensor(valid, run.device))
         fb, fa = before.features(x), after.features(x)
-    for i in range(len(cases)):
-        rows["teacher embedding"].append(pca_rgb(emb[i].float().cpu().numpy()))
-        rows["student before"].append(pca_rgb(fb[i].float().cpu().numpy()))
-        rows["student after"].append(pca_rgb(fa[i].float().cpu().numpy()))
-    return rows
+    return {"image": [letterbox(im, size_s) for im in raw],
+            "teacher embedding": [pca_rgb(e.float().cpu().numpy()) for e in emb],
+            "student before": [pca_rgb(f.float().cpu().numpy()) for f in fb],
+            "student after": [pca_rgb(f.float().cpu().numpy()) for f in fa]}

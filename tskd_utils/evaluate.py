@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import letterbox, unletterbox
-from .io import load_case, read_mask, write_json, write_png
+from .io import load_case, read_mask, safe_join, write_json, write_png
 from .metrics import case_metrics, nanmean
 from .run import Run, check_methods
 
@@ -92,26 +92,24 @@ def efficiency(model: torch.nn.Module, input_size: int, run: Run) -> dict:
 
 
 def teacher_logits(run: Run, model, images: list[np.ndarray], names: list[str]) -> list[torch.Tensor]:
-    """Teacher logits through the shared prefix cache (the frozen stages are never recomputed)."""
-    from .teacher import teacher_prefix
+    """Teacher logits of original-size images through the shared prefix cache (the frozen stages are
+    never recomputed)."""
+    from .features import run_suffix, teacher_inputs, teacher_prefix
 
-    size = run.profile.teacher.input_size
-    boxed = [letterbox(im, size) for im in images]
-    prefix = teacher_prefix(run, model.encoder, names, boxed)
-    out = []
-    with torch.inference_mode():
-        for h in prefix:
-            out.append(model.from_prefix(h[None].float().to(run.device))[1][0].float().cpu())
-    return out
+    boxed, valid = teacher_inputs(images, run.profile.teacher.input_size)
+    prefix = teacher_prefix(run, model.encoder, names, boxed, valid)
+    return [lg for batch in run_suffix(lambda h: model.from_prefix(h)[1], prefix, run.device) for lg in batch]
 
 
 def student_logits(run: Run, model, images: list[np.ndarray], batch_size: int = 8) -> list[torch.Tensor]:
+    """Student logits of original-size images (letterboxed to the student's input size)."""
+    from .features import images_to_tensor
+
     size = run.profile.data.image_size
     out = []
     with torch.inference_mode():
         for i in range(0, len(images), batch_size):
-            x = torch.from_numpy(np.stack([letterbox(im, size) for im in images[i:i + batch_size]]))
-            x = x.float().div_(255.0)[:, None].to(run.device)
+            x = images_to_tensor(np.stack([letterbox(im, size) for im in images[i:i + batch_size]]), run.device)
             out += list(model(x).float().cpu())
     return out
 
@@ -135,67 +133,98 @@ def load_model(run: Run, method: str):
 # ------------------------------------------------------------------------------- evaluation
 
 
+def _test_cases(run: Run) -> dict:
+    records = [run.info.case(c) for c in run.splits["test"]]
+    pairs = [load_case(run.info, rec) for rec in records]
+    spacings = [rec.spacing_mm for rec in records]
+    return {"records": records, "images": [p[0] for p in pairs], "masks": [p[1] for p in pairs],
+            "spacings": spacings, "use_mm": all(sp is not None for sp in spacings)}
+
+
+def score_model(run: Run, name: str, model, test: dict) -> tuple[list[dict], dict]:
+    """Predict the test cases with one model, write its label maps, and score them: (per-case rows, summary)."""
+    info, n_classes = run.info, run.info.n_classes
+    names = [rec.case for rec in test["records"]]
+    logits = teacher_logits(run, model, test["images"], names) if name.startswith("teacher") else \
+        student_logits(run, model, test["images"])
+    rows, case_scores, undefined = [], [], 0
+    for rec, lg, mk, sp in zip(test["records"], logits, test["masks"], test["spacings"]):
+        pred = to_label_map(lg, mk.shape)
+        path = safe_join(run.metrics_dir, "predictions", name, f"{rec.case}.png")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_png(path, pred)
+        m = case_metrics(pred, mk, n_classes, spacing=sp if test["use_mm"] else None)
+        rows += [{"method": name, "case": rec.case, "class": info.classes[k + 1], "dice": m["dice"][k],
+                  "iou": m["iou"][k], "hd95": m["hd95"][k]} for k in range(n_classes - 1)]
+        undefined += int(np.isnan(m["hd95"]).sum())
+        case_scores.append((float(np.mean(m["dice"])), float(np.mean(m["iou"])), nanmean(m["hd95"])))
+    dice, iou, hd = (list(c) for c in zip(*case_scores))
+    summary = {"dice": float(np.mean(dice)), "dice_std": float(np.std(dice)), "iou": float(np.mean(iou)),
+               "hd95": nanmean(hd), "hd95_undefined": undefined,
+               "per_class_dice": {c: float(np.mean([r["dice"] for r in rows if r["class"] == c]))
+                                  for c in info.classes[1:]}}
+    return rows, summary
+
+
 def evaluate_run(run: Run, methods: Optional[Sequence[str]] = None, include_teacher: bool = True,
                  include_frozen: bool = False, measure_efficiency: bool = True) -> dict:
-    """Evaluate every finished model of the run on the test split; write the metric files."""
+    """Evaluate the teacher(s) and the students of ``methods`` on the test split; write the metric files.
+
+    A requested student that was not trained is an error naming its missing file (train it in
+    notebook 04), never a silently shorter table.
+    """
     methods = check_methods(methods)
-    present = [m for m in methods if (run.students_dir / m / "student.safetensors").is_file()]
-    missing = sorted(set(methods) - set(present))
+    missing = [run.students_dir / m / "student.safetensors" for m in methods
+               if not (run.students_dir / m / "student.safetensors").is_file()]
     if missing:
-        print(f"not evaluated (not trained in this run): {', '.join(missing)}")
-    names = (["teacher"] if include_teacher else []) + (["teacher_frozen"] if include_frozen else []) + present
-    info, n_classes = run.info, run.info.n_classes
-    test = run.splits["test"]
-    records = [info.case(c) for c in test]
-    images, masks, spacings = [], [], []
-    for rec in records:
-        im, mk = load_case(info, rec)
-        images.append(im)
-        masks.append(mk)
-        spacings.append(rec.spacing_mm)
-    use_mm = all(s is not None for s in spacings)
-    pred_dir = run.metrics_dir / "predictions"
-    rows, summary = [], {"hd95_unit": "mm" if use_mm else "px", "n_test": len(test), "methods": {},
-                         "empty_mask_rule": "both empty: Dice=IoU=1, HD95=0; one empty: Dice=IoU=0, HD95 undefined"
-                                            " (left out of the mean, counted in hd95_undefined)"}
+        raise FileNotFoundError(f"not trained in this run: {', '.join(str(p) for p in missing)}: run notebook 04 "
+                                f"(tskd_utils.distill.run_methods) for them first")
+    names = (["teacher"] if include_teacher else []) + (["teacher_frozen"] if include_frozen else []) + methods
+    test = _test_cases(run)
+    rows, summary = [], {"hd95_unit": "mm" if test["use_mm"] else "px", "n_test": len(test["records"]),
+                         "methods": {}, "empty_mask_rule": "both empty: Dice=IoU=1, HD95=0; one empty: Dice=IoU=0, "
+                                                           "HD95 undefined (left out of the mean, counted in "
+                                                           "hd95_undefined)"}
+    if include_teacher:
+        from .teacher import selected_variant
+
+        summary["selected_teacher"] = selected_variant(run)
     for name in tqdm(names, desc="evaluating", dynamic_ncols=True):
         model, size = load_model(run, name)
-        logits = teacher_logits(run, model, images, test) if name.startswith("teacher") else \
-            student_logits(run, model, images)
-        case_dice, case_iou, case_hd, undefined = [], [], [], 0
-        (pred_dir / name).mkdir(parents=True, exist_ok=True)
-        for rec, lg, mk, sp in zip(records, logits, masks, spacings):
-            pred = to_label_map(lg, mk.shape)
-            write_png(pred_dir / name / f"{rec.case}.png", pred)
-            m = case_metrics(pred, mk, n_classes, spacing=sp if use_mm else None)
-            for k in range(n_classes - 1):
-                rows.append({"method": name, "case": rec.case, "class": info.classes[k + 1],
-                             "dice": m["dice"][k], "iou": m["iou"][k], "hd95": m["hd95"][k]})
-            undefined += sum(np.isnan(m["hd95"]))
-            case_dice.append(float(np.mean(m["dice"])))
-            case_iou.append(float(np.mean(m["iou"])))
-            case_hd.append(nanmean(m["hd95"]))
-        s = {"dice": float(np.mean(case_dice)), "dice_std": float(np.std(case_dice)),
-             "iou": float(np.mean(case_iou)), "hd95": nanmean(case_hd), "hd95_undefined": int(undefined),
-             "per_class_dice": {info.classes[k + 1]: float(np.mean([r["dice"] for r in rows if r["method"] == name
-                                                                     and r["class"] == info.classes[k + 1]]))
-                                for k in range(n_classes - 1)}}
+        model_rows, summary["methods"][name] = score_model(run, name, model, test)
+        rows += model_rows
         if measure_efficiency:
-            s.update(efficiency(model, size, run))
-        summary["methods"][name] = s
+            summary["methods"][name].update(efficiency(model, size, run))
         del model
+    _write_per_case(run, rows)
+    teacher_latency = summary["methods"].get("teacher", {}).get("latency_ms")
+    for s in summary["methods"].values():
+        if teacher_latency and s.get("latency_ms"):
+            s["speedup_vs_teacher"] = teacher_latency / s["latency_ms"]
+    write_json(run.metrics_dir / "summary.json", summary)
+    write_results(run, summary)
+    if "ts_kd" in names:
+        paired_table(run).to_csv(run.metrics_dir / "paired.csv", index=False)
+    return summary
+
+
+def _write_per_case(run: Run, rows: list[dict]) -> None:
     run.metrics_dir.mkdir(parents=True, exist_ok=True)
     with (run.metrics_dir / "per_case.csv").open("w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=["method", "case", "class", "dice", "iou", "hd95"])
         w.writeheader()
         w.writerows(rows)
-    teacher_latency = summary["methods"].get("teacher", {}).get("latency_ms")
-    for name, s in summary["methods"].items():
-        if teacher_latency and s.get("latency_ms"):
-            s["speedup_vs_teacher"] = teacher_latency / s["latency_ms"]
-    write_json(run.metrics_dir / "summary.json", summary)
-    write_results(run, summary)
-    return summary
+
+
+def paired_table(run: Run, reference: str = "ts_kd", metric: str = "dice"):
+    """``reference`` against every other model of the run on the same test cases: mean paired difference,
+    95% bootstrap interval over cases, Wilcoxon p-value, verdict (see :mod:`tskd_utils.stats`)."""
+    import pandas as pd
+
+    from .stats import case_scores, paired_comparisons
+
+    per_case = pd.read_csv(run.metrics_dir / "per_case.csv")
+    return paired_comparisons(case_scores(per_case, metric), reference=reference, metric=metric)
 
 
 def result_rows(run: Run, summary: dict) -> list[dict]:
@@ -218,16 +247,7 @@ def write_results(run: Run, summary: dict) -> Path:
 
 def load_predictions(run: Run, method: str, cases: Sequence[str]) -> list[np.ndarray]:
     """Label maps written by :func:`evaluate_run` (original image size)."""
-    return [read_mask(run.metrics_dir / "predictions" / method / f"{c}.png") for c in cases]
-
-
-def predict(run: Run, method: str, cases: Sequence[str]) -> list[np.ndarray]:
-    """Label maps of ``method`` (a student id, ``teacher`` or ``teacher_frozen``) at the original size."""
-    model, _ = load_model(run, method)
-    images = [load_case(run.info, run.info.case(c))[0] for c in cases]
-    logits = teacher_logits(run, model, images, list(cases)) if method.startswith("teacher") else \
-        student_logits(run, model, images)
-    return [to_label_map(lg, im.shape) for lg, im in zip(logits, images)]
+    return [read_mask(safe_join(run.metrics_dir, "predictions", method, f"{c}.png")) for c in cases]
 
 
 def summary_table(summary: dict):
@@ -270,3 +290,36 @@ def comparison_rows(run: Run, cases: Sequence[str], predictions: dict) -> list[d
             row[f"{label}_title"] = f"Dice {float(d):.3f}"
         rows.append(row)
     return rows
+
+
+def interpretation(summary: dict, paired, reference: str = "ts_kd") -> str:
+    """The run's results in plain words, computed from them (notebook 05 prints it; nothing is typed in)."""
+    from .stats import format_interval
+
+    m = summary["methods"]
+    lines = []
+    if "teacher" in m:
+        sel = summary.get("selected_teacher", "lora")
+        frozen = f", the frozen-encoder baseline {m['teacher_frozen']['dice']:.3f}" if "teacher_frozen" in m else ""
+        lines.append(f"The LoRA teacher reaches a test Dice of {m['teacher']['dice']:.3f}{frozen}; the teacher that "
+                     f"was distilled is the {sel} one (better on validation).")
+    if reference in m:
+        own = m["teacher" if summary.get("selected_teacher", "lora") == "lora" else "teacher_frozen"] \
+            if "teacher" in m else None
+        speed = m[reference].get("speedup_vs_teacher")
+        text = f"The {reference} student reaches {m[reference]['dice']:.3f}"
+        if own is not None:
+            text += f", {100 * (m[reference]['dice'] - own['dice']):+.1f} points against its own teacher"
+        if speed and own is not None and own.get("params_m"):
+            text += (f", with {own['params_m'] / m[reference]['params_m']:.0f}x fewer parameters and {speed:.0f}x "
+                     f"the speed on this machine's CPU")
+        lines.append(text + ".")
+    for _, row in paired.iterrows() if paired is not None else []:
+        verdict = "better" if row["verdict"].endswith("better") and row["verdict"].startswith(reference) else \
+            ("worse" if row["verdict"].endswith("better") else "within noise")
+        lines.append(f"Against {row['other']}: {format_interval(row['mean_diff'], row['ci_low'], row['ci_high'])} "
+                     f"(paired, 95% interval over {row['n_cases']} test cases; Wilcoxon p = {row['p_wilcoxon']:.2g}): "
+                     f"{reference} is {verdict}.")
+    lines.append(f"This is one seed and {summary['n_test']} test cases: an interval that includes 0 is within noise, "
+                 f"and a claim holds only when it holds over seeds (the sweep's report pools them).")
+    return "\n".join(lines)

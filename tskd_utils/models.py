@@ -65,19 +65,32 @@ class TeacherEncoder(nn.Module):
     def grid(self) -> int:
         raise NotImplementedError
 
-    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 1, S, S) letterboxed images in [0, 1] -> what the pretrained weights expect."""
+    def preprocess(self, x: torch.Tensor, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, 1, S, S) letterboxed images in [0, 1] -> what the pretrained weights expect.
+
+        ``valid`` (B, 2): the (rows, cols) of each image inside its zero padding (None: the whole
+        square). As MedSAM and SAM do, the image itself is normalised (LiteMedSAM: min-max over the
+        image, not the padding; SAM: ImageNet mean/std) and the padding is zero afterwards.
+        """
         if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size:
             raise ValueError(f"teacher {self.name} expects {self.input_size}x{self.input_size} input, got "
                              f"{tuple(x.shape[-2:])}")
         x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+        inside = None
+        if valid is not None:
+            idx = torch.arange(self.input_size, device=x.device)
+            rows, cols = valid[:, 0].to(x.device), valid[:, 1].to(x.device)
+            inside = ((idx[None, :, None] < rows[:, None, None]) & (idx[None, None, :] < cols[:, None, None]))[:, None]
         if self.normalization == "minmax":
-            lo = x.amin(dim=(1, 2, 3), keepdim=True)
-            hi = x.amax(dim=(1, 2, 3), keepdim=True)
-            return (x - lo) / (hi - lo).clamp_min(1e-8)
-        if self.normalization == "imagenet":
-            return (x - self.mean) / self.std
-        raise ValueError(f"unknown normalization {self.normalization!r}")
+            big = torch.finfo(x.dtype).max
+            lo = (x if inside is None else torch.where(inside, x, big)).amin(dim=(1, 2, 3), keepdim=True)
+            hi = (x if inside is None else torch.where(inside, x, -big)).amax(dim=(1, 2, 3), keepdim=True)
+            out = (x - lo) / (hi - lo).clamp_min(1e-8)
+        elif self.normalization == "imagenet":
+            out = (x - self.mean) / self.std
+        else:
+            raise ValueError(f"unknown normalization {self.normalization!r}")
+        return out if inside is None else out * inside
 
     def set_split(self, lora_stages: Optional[Sequence[int]]) -> None:
         """Run stages before the first adapted one in ``prefix`` (frozen, cacheable)."""
@@ -101,9 +114,9 @@ class TeacherEncoder(nn.Module):
     def suffix(self, h: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def forward(self, x01: torch.Tensor) -> torch.Tensor:
+    def forward(self, x01: torch.Tensor, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Images in [0, 1] (B, 1, S, S) -> image embedding (B, C, g, g)."""
-        return self.suffix(self.prefix(self.preprocess(x01)))
+        return self.suffix(self.prefix(self.preprocess(x01, valid)))
 
 
 class LiteMedSAMEncoder(TeacherEncoder):
@@ -302,10 +315,11 @@ def build_teacher(name: str, input_size: int, pretrained: bool = True, weights: 
     if name == "tiny":
         from timm.models.vision_transformer_sam import VisionTransformerSAM
 
-        torch.manual_seed(1234)  # the same random "pretrained" teacher every time
-        vit = VisionTransformerSAM(img_size=input_size, patch_size=4, embed_dim=32, depth=2, num_heads=2,
-                                   window_size=4, global_attn_indexes=(1,), use_rel_pos=True, neck_chans=32,
-                                   num_classes=0)
+        with torch.random.fork_rng(devices=[]):  # the same random "pretrained" teacher every time
+            torch.manual_seed(1234)
+            vit = VisionTransformerSAM(img_size=input_size, patch_size=4, embed_dim=32, depth=2, num_heads=2,
+                                       window_size=4, global_attn_indexes=(1,), use_rel_pos=True, neck_chans=32,
+                                       num_classes=0)
         return SamViTEncoder(vit, "tiny", input_size)
     raise KeyError(f"unknown teacher {name!r}; choose one of: {', '.join(TEACHERS)}")
 
@@ -411,13 +425,20 @@ class TeacherSegmenter(nn.Module):
         self.encoder = encoder
         self.head = build_head(encoder, n_classes, head, head_channels)
 
-    def forward(self, x01: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder(x01))
+    def forward(self, x01: torch.Tensor, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.head(self.encoder(x01, valid))
 
     def from_prefix(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Cached prefix features -> (embedding, logits)."""
         emb = self.encoder.suffix(h)
         return emb, self.head(emb)
+
+    def logits(self, batch: dict) -> torch.Tensor:
+        """Class logits of a training batch: from its cached prefix features (``batch["prefix"]``) when the
+        frozen stages are cached, else from its images (``batch["image"]``, ``batch["valid"]``)."""
+        if batch.get("prefix") is not None:
+            return self.from_prefix(batch["prefix"])[1]
+        return self(batch["image"], batch.get("valid"))
 
 
 # =================================================================================== students

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -23,6 +23,7 @@ from .config import Profile, get_profile, profile_to_dict, resolve_device
 from .data import make_splits
 from .datasets import ensure_dataset
 from .io import DataError, DatasetInfo, load_dataset, read_json, write_json
+from .training import derive_seed, value_digest
 
 METHODS = ("scratch", "ta_kd", "ts_kd", "ts_kd_nosyn", "mae", "mocov3")  # students; "teacher" is the reference
 ALL_METHODS = METHODS + ("teacher",)
@@ -101,6 +102,19 @@ class Run:
     def name(self) -> str:
         return self.dir.name
 
+    # -- what a stage reads (its fingerprint) ------------------------------------------------
+    def settings(self, *sections: str) -> dict:
+        """The profile values of ``sections`` (e.g. "teacher", "distill") as a plain dict."""
+        return {s: asdict(getattr(self.profile, s)) for s in sections}
+
+    def split_digest(self, *parts: str) -> str:
+        """A digest of the split's case lists ``parts`` (e.g. "labeled", "val")."""
+        return value_digest({p: self.splits[p] for p in parts})
+
+    def seed_for(self, *labels: str) -> int:
+        """The seed of one stage / method / module of this run (see :func:`tskd_utils.training.derive_seed`)."""
+        return derive_seed(self.seed, *labels)
+
     def describe(self) -> str:
         s = self.splits
         return (f"run {self.dir} | profile {self.profile.name} | dataset {self.dataset} | n_labeled {self.n_labeled} "
@@ -123,36 +137,61 @@ def _config_dict(profile: Profile, dataset: str, data_root: Path, n_labeled: int
     }
 
 
+SPLIT_KEYS = ("val_fraction", "test_fraction", "max_train", "max_val", "max_test")
+
+
 def setup_run(run_dir, profile: str = "demo", dataset: str = "phantom", data_root="data",
               n_labeled: Optional[int] = None, seed: int = 0, overrides: Optional[dict] = None,
               prepare: bool = True) -> Run:
-    """Create (or reopen) a run folder and make sure its dataset and split exist."""
+    """Create (or reopen) a run folder and make sure its dataset and split exist.
+
+    The dataset, n_labeled, seed and profile of a run folder are fixed once it exists; other settings
+    (``overrides``) may change between sessions: the stages that read a changed setting are recomputed
+    (each stage compares what it was trained from), the others are reused.
+    """
     overrides = json.loads(json.dumps(dict(overrides or {})))  # as it reads back from config.json
     prof = get_profile(profile, overrides)
+    if n_labeled is not None and (isinstance(n_labeled, bool) or int(n_labeled) < 0):
+        raise DataError(f"n_labeled must be a positive integer (0: the profile's default), got {n_labeled!r}")
     n_labeled = int(n_labeled) if n_labeled else prof.default_n_labeled
     run_dir, data_root = Path(run_dir).resolve(), Path(data_root).resolve()
     cfg_path = run_dir / "config.json"
     wanted = _config_dict(prof, dataset, data_root, n_labeled, seed, overrides)
     if cfg_path.is_file():
         have = read_json(cfg_path)
-        for key in ("dataset", "n_labeled", "seed", "profile", "overrides"):
+        for key in ("dataset", "n_labeled", "seed", "profile"):
             if have.get(key) != wanted[key]:
                 raise DataError(
                     f"{cfg_path} was made with {key}={have.get(key)!r}, not {wanted[key]!r}: use another "
                     f"run_dir for different settings (finished work in {run_dir} is left as it is)")
+        if have.get("overrides") != overrides:
+            print(f"note: the settings of {run_dir} changed ({have.get('overrides')} -> {overrides}); stages "
+                  f"that read a changed setting will be recomputed")
+            write_json(cfg_path, {**wanted, "created": have.get("created", wanted["created"])})
     if prepare:
         ensure_dataset(dataset, data_root, phantom_cases=prof.data.phantom_cases)
     run = Run(run_dir, prof, dataset, data_root, n_labeled, seed, overrides)
     run_dir.mkdir(parents=True, exist_ok=True)
     if not cfg_path.is_file():
         write_json(cfg_path, wanted)
-    splits_path = run_dir / "splits.json"
-    if not splits_path.is_file():
-        d = prof.data
-        splits = make_splits(run.info, n_labeled, seed, d.val_fraction, d.test_fraction,
-                             max_train=d.max_train, max_val=d.max_val, max_test=d.max_test)
-        write_json(splits_path, splits)
+    _ensure_split(run)
     return run
+
+
+def _ensure_split(run: Run) -> None:
+    """Write splits.json if missing; refuse a split made with other data settings."""
+    d = run.profile.data
+    split_settings = {k: getattr(d, k) for k in SPLIT_KEYS}
+    path = run.dir / "splits.json"
+    if path.is_file():
+        have = read_json(path).get("settings", split_settings)
+        if have != split_settings:
+            raise DataError(f"{path} was made with data settings {have}, not {split_settings}: the split of a "
+                            f"run folder is fixed, use another run_dir")
+        return
+    splits = make_splits(run.info, run.n_labeled, run.seed, d.val_fraction, d.test_fraction,
+                         max_train=d.max_train, max_val=d.max_val, max_test=d.max_test)
+    write_json(path, {**splits, "settings": split_settings})
 
 
 def load_run(run_dir) -> Run:
@@ -178,6 +217,3 @@ def check_methods(methods) -> list[str]:
         raise KeyError(f"unknown method(s) {bad}; valid methods: {', '.join(ALL_METHODS)}")
     return [m for m in methods if m != "teacher"]
 
-
-def dump(obj) -> str:
-    return json.dumps(obj, indent=2, default=str)

@@ -1,11 +1,14 @@
 """One resumable epoch loop shared by every training stage (teacher, DDPM, pretraining, fine-tuning).
 
-A :class:`Stage` owns a folder. After every epoch it writes a checkpoint (weights as
-safetensors; optimizer, scheduler, epoch, history and RNG state in ``state.pt``), the training
-log (``log.csv``) and, when a monitored validation metric improves, ``best.safetensors``. Re-running
-a stage resumes after the last finished epoch; a finished stage (``done.json``) is reused, not
-retrained, unless ``force=True``. Checkpoints are written to a temporary folder and swapped in, so
-an interruption never leaves a half-written checkpoint.
+A :class:`Stage` owns a folder and records the **inputs** it was trained from (fingerprints of
+upstream weights, caches, the split, the settings it reads, the loss function's source). After
+every epoch it writes a checkpoint (weights as safetensors; optimizer, scheduler, epoch and
+history in ``state.pt``), the training log (``log.csv``) and, when a monitored validation metric
+improves, ``best.safetensors``. Re-running a stage resumes after the last finished epoch; a
+finished stage (``done.json``) is reused, not retrained, while its inputs are unchanged. When any
+input changed, the stage says which and starts over (``force=True`` always starts over).
+Checkpoints are written to a temporary folder and swapped in, so an interruption never leaves a
+half-written checkpoint; the per-epoch checkpoint is removed once the stage has finished.
 
 The stage reseeds torch, numpy and random at the start of every epoch from (seed, epoch), so an
 interrupted and resumed run follows the same random stream as an uninterrupted one.
@@ -15,6 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
+import inspect
+import json
 import math
 import os
 import random
@@ -25,10 +31,11 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .io import read_json, write_json
+from .io import DataError, read_json, sha256sum, write_json
 
 STOP_ENV = "TSKD_STOP_AFTER_EPOCH"  # fault injection for tests: "<stage dir name>:<epoch>"
 
@@ -37,7 +44,7 @@ class StageInterrupted(RuntimeError):
     """Raised when a stage is stopped on purpose after an epoch (tests / fault injection)."""
 
 
-# ----------------------------------------------------------------------------- seeding & RNG
+# ------------------------------------------------------------------------------ seeds & digests
 
 
 def seed_everything(seed: int) -> None:
@@ -48,27 +55,52 @@ def seed_everything(seed: int) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
-def rng_state() -> dict:
-    np_state = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]),
-                  float(np_state[4])],
-        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+def derive_seed(seed: int, *labels: str) -> int:
+    """A seed of its own for each (run seed, stage, method): independent streams that do not depend on
+    which other stages ran before in the same process (so a resumed run equals an uninterrupted one)."""
+    words = [int.from_bytes(hashlib.sha256(str(label).encode()).digest()[:4], "little") for label in labels]
+    return int(np.random.SeedSequence([int(seed), *words]).generate_state(1)[0] % (2 ** 31))
 
 
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
-    p = state["python"]
-    random.setstate((p[0], tuple(p[1]), p[2]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Run a block (building randomly initialised modules) under its own seed, leaving the global
+    random state as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def file_digest(path: os.PathLike) -> str:
+    """The first 16 hex digits of a file's SHA-256 ("missing" when absent)."""
+    path = Path(path)
+    return sha256sum(path)[:16] if path.is_file() else "missing"
+
+
+def source_digest(fn: Callable) -> str:
+    """A digest of a function's source code: a loss edited in a notebook makes its stage recompute."""
+    try:
+        text = inspect.getsource(fn)
+    except (OSError, TypeError):
+        code = getattr(fn, "__code__", None)
+        text = repr((code.co_code, code.co_consts)) if code is not None else repr(fn)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def value_digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _changes(old: dict, new: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key} ({a!r} -> {b!r})" if not isinstance(a, str) or len(str(a)) < 20
+                       else f"{prefix}{key}")
+    return out
 
 
 # ------------------------------------------------------------------------------- weights I/O
@@ -89,24 +121,31 @@ def save_weights(path: Path, modules: dict, metadata: Optional[dict] = None) -> 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     flat = _flat_state(modules)
-    # safetensors refuses tensors that share memory; clone those
-    seen, out = {}, {}
+    seen, out = set(), {}  # safetensors refuses tensors that share memory; clone those
     for k, v in flat.items():
         ptr = (v.data_ptr(), v.numel())
         out[k] = v.clone() if ptr in seen else v
-        seen[ptr] = k
+        seen.add(ptr)
     save_file(out, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
     tmp.replace(path)
 
 
 def load_weights(path: Path, modules: dict, strict: bool = True) -> None:
-    flat = load_file(str(path))
+    """Load modules saved by :func:`save_weights`; a missing or damaged file is an error naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    try:
+        flat = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise DataError(f"{path}: not a readable safetensors file ({e}); delete it and re-run its stage") from None
     for name, module in modules.items():
         prefix = name + "."
         sd = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
-        missing = module.load_state_dict(sd, strict=strict)
-        if strict is False and missing is not None:
-            pass
+        try:
+            module.load_state_dict(sd, strict=strict)
+        except RuntimeError as e:
+            raise DataError(f"{path}: its {name!r} weights do not fit the model ({str(e).splitlines()[0]})") from None
 
 
 class StateOf:
@@ -126,18 +165,11 @@ class StateOf:
 # ---------------------------------------------------------------------------- schedules & AMP
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,
-                  min_factor: float = 0.01) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up, then cosine decay to ``min_factor`` of the base learning rate."""
-    total_steps = max(total_steps, 1)
+def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
+    """Linear warm-up, then cosine decay to zero (diffusers' ``get_cosine_schedule_with_warmup``)."""
+    from diffusers.optimization import get_cosine_schedule_with_warmup
 
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return get_cosine_schedule_with_warmup(optimizer, warmup_steps, max(total_steps, 1))
 
 
 def autocast(device: str, enabled: bool = True):
@@ -148,83 +180,99 @@ def autocast(device: str, enabled: bool = True):
 
 
 def grad_scaler(device: str, enabled: bool = True):
+    """A GradScaler for fp16 on CUDA; disabled (a pass-through) elsewhere."""
     return torch.amp.GradScaler("cuda", enabled=device.startswith("cuda") and enabled)
+
+
+def optimizer_step(loss: torch.Tensor, optimizer, scaler, scheduler=None, params=None,
+                   max_grad_norm: Optional[float] = None) -> None:
+    """backward, optional gradient clipping, step, scaler update, scheduler step."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if max_grad_norm is not None:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    if scheduler is not None:
+        scheduler.step()
 
 
 # ------------------------------------------------------------------------------------ stage
 
 
 class Stage:
-    """A resumable, checkpointed epoch loop.
+    """A resumable, checkpointed epoch loop in ``directory`` that knows what it was trained from.
 
-    ``train_epoch(epoch) -> dict`` trains one epoch and returns its metrics (e.g. loss);
-    ``validate() -> dict`` (optional) returns validation metrics; ``monitor`` names the one that
-    picks the best checkpoint (``mode`` "max" or "min").
+    ``inputs`` (JSON-able: digests and settings) are compared with those recorded by an earlier
+    run in the folder; a difference resets the stage with a printed reason. Use :attr:`finished`
+    to skip preparing data for a stage that will be reused, then :meth:`load_final`; else
+    :meth:`train`.
     """
 
-    def __init__(self, directory: os.PathLike, modules: dict, optimizer: Optional[torch.optim.Optimizer],
-                 epochs: int, seed: int = 0, scheduler=None, scaler=None, monitor: Optional[str] = None,
-                 mode: str = "max", desc: Optional[str] = None, force: bool = False,
-                 extra_state: Optional[dict] = None):
+    def __init__(self, directory: os.PathLike, inputs: Optional[dict] = None, desc: Optional[str] = None,
+                 force: bool = False):
         self.dir = Path(directory)
-        self.modules, self.optimizer, self.scheduler, self.scaler = modules, optimizer, scheduler, scaler
-        self.epochs, self.seed, self.monitor, self.mode = int(epochs), int(seed), monitor, mode
         self.desc = desc or self.dir.name
-        self.extra_state = extra_state or {}  # name -> object with state_dict/load_state_dict (e.g. EMA)
+        self.inputs = json.loads(json.dumps(inputs or {}, sort_keys=True, default=str))
         self.history: list[dict] = []
         self.best: Optional[float] = None
         self.start_epoch = 0
         if force:
+            if self.dir.exists():
+                print(f"[{self.desc}] force=True: starting over")
             self.reset()
+        else:
+            reason = self.stale_reason()
+            if reason:
+                print(f"[{self.desc}] inputs changed since {self.dir} was trained ({reason}): recomputing")
+                self.reset()
 
-    # -- paths ---------------------------------------------------------------------------
-    @property
-    def ckpt(self) -> Path:
-        return self.dir / "checkpoint"
-
-    @property
-    def done_path(self) -> Path:
-        return self.dir / "done.json"
-
-    @property
-    def best_path(self) -> Path:
-        return self.dir / "best.safetensors"
-
-    @property
-    def final_path(self) -> Path:
-        return self.dir / "final.safetensors"
+    # -- paths & state ----------------------------------------------------------------------
+    ckpt = property(lambda self: self.dir / "checkpoint")
+    done_path = property(lambda self: self.dir / "done.json")
+    best_path = property(lambda self: self.dir / "best.safetensors")
+    final_path = property(lambda self: self.dir / "final.safetensors")
+    inputs_path = property(lambda self: self.dir / "inputs.json")
 
     @property
-    def done(self) -> bool:
-        return self.done_path.is_file()
+    def finished(self) -> bool:
+        return self.done_path.is_file() and self.final_path.is_file()
+
+    @property
+    def weights_path(self) -> Path:
+        """The chosen weights of a finished stage: best if it monitored a metric, else final."""
+        return self.best_path if self.best_path.is_file() else self.final_path
+
+    def stale_reason(self) -> Optional[str]:
+        if not self.inputs_path.is_file():
+            return "no record of its inputs" if self.done_path.is_file() else None
+        recorded = read_json(self.inputs_path)
+        if recorded == self.inputs:
+            if self.done_path.is_file() and not self.final_path.is_file():
+                return f"{self.final_path.name} is missing"
+            return None
+        return ", ".join(_changes(recorded, self.inputs)) or "inputs differ"
 
     def reset(self) -> None:
         for p in (self.ckpt, self.dir / "checkpoint.tmp", self.dir / "checkpoint.old"):
             shutil.rmtree(p, ignore_errors=True)
-        for p in (self.done_path, self.best_path, self.final_path, self.dir / "log.csv"):
+        for p in (self.done_path, self.best_path, self.final_path, self.dir / "log.csv", self.inputs_path):
             p.unlink(missing_ok=True)
 
     # -- checkpointing ---------------------------------------------------------------------
-    def _better(self, value: float) -> bool:
+    def _better(self, value: float, mode: str) -> bool:
         if self.best is None or not math.isfinite(self.best):
             return math.isfinite(value)
-        return value > self.best if self.mode == "max" else value < self.best
+        return value > self.best if mode == "max" else value < self.best
 
-    def _save_checkpoint(self, epoch: int) -> None:
+    def _save_checkpoint(self, epoch: int, modules: dict, parts: dict) -> None:
         tmp, old = self.dir / "checkpoint.tmp", self.dir / "checkpoint.old"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_weights(tmp / "last.safetensors", self.modules, {"epoch": epoch})
-        state = {
-            "epoch": epoch,
-            "history": self.history,
-            "best": self.best,
-            "rng": rng_state(),
-            "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
-            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "extra": {k: v.state_dict() for k, v in self.extra_state.items()},
-        }
+        save_weights(tmp / "last.safetensors", modules, {"epoch": epoch})
+        state = {"epoch": epoch, "history": self.history, "best": self.best,
+                 **{k: (v.state_dict() if v is not None else None) for k, v in parts.items()}}
         torch.save(state, tmp / "state.pt")
         if self.ckpt.exists():
             shutil.rmtree(old, ignore_errors=True)
@@ -232,30 +280,21 @@ class Stage:
         tmp.rename(self.ckpt)
         shutil.rmtree(old, ignore_errors=True)
 
-    def _load_checkpoint(self) -> bool:
+    def _load_checkpoint(self, modules: dict, parts: dict) -> bool:
         ckpt = self.ckpt
         if not (ckpt / "state.pt").is_file() and (self.dir / "checkpoint.old" / "state.pt").is_file():
             ckpt = self.dir / "checkpoint.old"  # interrupted between the two renames
         if not (ckpt / "state.pt").is_file():
             return False
         state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
-        load_weights(ckpt / "last.safetensors", self.modules)
-        if self.optimizer is not None and state.get("optimizer") is not None:
-            self.optimizer.load_state_dict(state["optimizer"])
-        if self.scheduler is not None and state.get("scheduler") is not None:
-            self.scheduler.load_state_dict(state["scheduler"])
-        if self.scaler is not None and state.get("scaler") is not None:
-            self.scaler.load_state_dict(state["scaler"])
-        for k, v in self.extra_state.items():
-            if k in (state.get("extra") or {}):
-                v.load_state_dict(state["extra"][k])
-        set_rng_state(state["rng"])
+        load_weights(ckpt / "last.safetensors", modules)
+        for k, v in parts.items():
+            if v is not None and state.get(k) is not None:
+                v.load_state_dict(state[k])
         self.start_epoch, self.history, self.best = int(state["epoch"]), list(state["history"]), state["best"]
         return True
 
     def _write_log(self) -> None:
-        if not self.history:
-            return
         keys = []
         for row in self.history:
             keys += [k for k in row if k not in keys]
@@ -266,52 +305,60 @@ class Stage:
             w.writerows(self.history)
         tmp.replace(self.dir / "log.csv")
 
-    def load_final(self) -> list[dict]:
+    def load_final(self, modules: dict) -> list[dict]:
         """Load the finished stage's chosen weights (best if monitored, else final)."""
-        info = read_json(self.done_path)
-        path = self.best_path if self.monitor and self.best_path.is_file() else self.final_path
-        load_weights(path, self.modules)
-        self.history = info.get("history", [])
+        print(f"[{self.desc}] finished earlier with the same inputs: reusing {self.dir} (force=True retrains)")
+        load_weights(self.weights_path, modules)
+        self.history = read_json(self.done_path).get("history", [])
         return self.history
 
     # -- the loop --------------------------------------------------------------------------
-    def run(self, train_epoch: Callable[[int], dict], validate: Optional[Callable[[], dict]] = None) -> list[dict]:
-        if self.done:
-            print(f"[{self.desc}] finished earlier: reusing {self.dir} (force=True retrains)")
-            return self.load_final()
+    def train(self, modules: dict, optimizer, epochs: int, train_epoch: Callable[[int], dict],
+              validate: Optional[Callable[[], dict]] = None, *, seed: int, scheduler=None, scaler=None,
+              monitor: Optional[str] = None, mode: str = "max", extra_state: Optional[dict] = None) -> list[dict]:
+        """Train (or resume, or reuse) for ``epochs``; returns the per-epoch history.
+
+        ``train_epoch(epoch) -> dict`` trains one epoch and returns its metrics (e.g. loss);
+        ``validate() -> dict`` returns validation metrics; ``monitor`` names the one that picks
+        the best checkpoint (``mode`` "max" or "min"). ``extra_state``: name -> object with
+        state_dict/load_state_dict (e.g. an EMA) saved in every checkpoint.
+        """
+        if self.finished:
+            return self.load_final(modules)
         self.dir.mkdir(parents=True, exist_ok=True)
-        if self._load_checkpoint():
-            print(f"[{self.desc}] resuming after epoch {self.start_epoch}/{self.epochs} from {self.ckpt}")
+        write_json(self.inputs_path, self.inputs)
+        parts = {"optimizer": optimizer, "scheduler": scheduler, "scaler": scaler, **(extra_state or {})}
+        if self._load_checkpoint(modules, parts):
+            print(f"[{self.desc}] resuming after epoch {self.start_epoch}/{epochs} from {self.ckpt}")
         stop = os.environ.get(STOP_ENV, "")
-        bar = tqdm(range(self.start_epoch, self.epochs), desc=self.desc, initial=self.start_epoch,
-                   total=self.epochs, unit="epoch", dynamic_ncols=True)
+        bar = tqdm(range(self.start_epoch, epochs), desc=self.desc, initial=self.start_epoch, total=epochs,
+                   unit="epoch", dynamic_ncols=True)
         for epoch in bar:
-            seed_everything(self.seed * 100_003 + epoch)
+            seed_everything(int(seed) * 100_003 + epoch)
             t0 = time.perf_counter()
-            row = {"epoch": epoch + 1}
-            row.update(train_epoch(epoch) or {})
+            row = {"epoch": epoch + 1, **(train_epoch(epoch) or {})}
             if validate is not None:
                 row.update(validate() or {})
-            if self.optimizer is not None:
-                row["lr"] = self.optimizer.param_groups[0]["lr"]
+            if optimizer is not None:
+                row["lr"] = optimizer.param_groups[0]["lr"]
             row["seconds"] = round(time.perf_counter() - t0, 3)
             self.history.append(row)
-            if self.monitor is not None and self._better(float(row[self.monitor])):
-                self.best = float(row[self.monitor])
-                save_weights(self.best_path, self.modules, {"epoch": epoch + 1, self.monitor: self.best})
-            self._save_checkpoint(epoch + 1)
+            if monitor is not None and self._better(float(row[monitor]), mode):
+                self.best = float(row[monitor])
+                save_weights(self.best_path, modules, {"epoch": epoch + 1, monitor: self.best})
+            self._save_checkpoint(epoch + 1, modules, parts)
             self._write_log()
             bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if isinstance(v, float) and k != "lr"})
             if stop == f"{self.dir.name}:{epoch + 1}":
                 bar.close()
                 raise StageInterrupted(f"[{self.desc}] stopped after epoch {epoch + 1} ({STOP_ENV}={stop})")
         bar.close()
-        save_weights(self.final_path, self.modules, {"epoch": self.epochs})
-        write_json(self.done_path, {"epochs": self.epochs, "monitor": self.monitor, "best": self.best,
-                                    "history": self.history,
+        save_weights(self.final_path, modules, {"epoch": epochs})
+        write_json(self.done_path, {"epochs": epochs, "monitor": monitor, "best": self.best, "history": self.history,
                                     "seconds": round(sum(r.get("seconds", 0) for r in self.history), 2)})
-        if self.monitor is not None and self.best_path.is_file():
-            load_weights(self.best_path, self.modules)
+        shutil.rmtree(self.ckpt, ignore_errors=True)  # the final weights and done.json are the record
+        if monitor is not None and self.best_path.is_file():
+            load_weights(self.best_path, modules)
         return self.history
 
 

@@ -120,10 +120,6 @@ def bars(values: dict, errors: Optional[dict] = None, ylabel: str = "", title: s
     return _save(fig, save)
 
 
-def close(fig) -> None:
-    plt.close(fig)
-
-
 def pca_rgb(features: np.ndarray) -> np.ndarray:
     """(C, h, w) feature map -> (h, w, 3) picture of its first three principal components."""
     c, h, w = features.shape
@@ -152,5 +148,87 @@ def picture_rows(rows: dict, titles: Sequence[str], size: float = 2.2, save: Opt
         axes[r, 0].set_ylabel(label, fontsize=9)
     if suptitle:
         fig.suptitle(suptitle)
+    fig.tight_layout()
+    return _save(fig, save)
+
+
+# ----------------------------------------------------------------------------- diffusion (03)
+
+
+def noise_schedule(abar: np.ndarray, noised: Sequence[np.ndarray], timesteps: Sequence[int], title: str = "",
+                   save: Optional[Path] = None):
+    """alpha-bar over t, and one image noised at a few t."""
+    fig = plt.figure(figsize=(2.0 * len(timesteps), 4.6))
+    grid = fig.add_gridspec(2, len(timesteps), height_ratios=[1.3, 1])
+    ax = fig.add_subplot(grid[0, :])
+    ax.plot(abar, label=r"$\bar\alpha_t$ (signal kept)")
+    ax.plot(np.sqrt(1 - abar), label=r"$\sqrt{1-\bar\alpha_t}$ (noise std)")
+    ax.set_xlabel("t")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title)
+    for k, (t, im) in enumerate(zip(timesteps, noised)):
+        a = fig.add_subplot(grid[1, k])
+        a.imshow(im, cmap="gray", vmin=0, vmax=1)
+        a.set_title(f"t = {t}", fontsize=8)
+        a.axis("off")
+    fig.tight_layout()
+    return _save(fig, save)
+
+
+def nearest_distances(report: dict, save: Optional[Path] = None):
+    """Histograms: nearest-train distance of synthetic images vs held-out real images (embedding, pixels)."""
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    for ax, key, field, label in ((axes[0], "memorisation_embedding", "embedding_distance", "embedding L2"),
+                                  (axes[1], "memorisation_pixels", "pixel_distance", "pixel RMS")):
+        syn = [r[field] for r in report["nearest"]]
+        held = report[key].get("heldout_real_to_train")
+        ax.hist(syn, bins=15, alpha=0.6, label=f"synthetic (n={len(syn)})", density=True)
+        if held:
+            ax.axvline(held["median"], color="tab:orange", ls="--", label=f"held-out real median (n={held['n']})")
+            ax.axvline(held["p05"], color="tab:orange", ls=":", label="held-out real 5th pct")
+        ax.set_xlabel(f"distance to nearest train image ({label})")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, save)
+
+
+# ----------------------------------------------------------------------------- evaluation (05)
+
+
+def forest(table, reference: str = "ts_kd", scale: float = 100.0, title: str = "", save: Optional[Path] = None):
+    """Paired differences (``tskd_utils.stats.paired_comparisons`` rows) with their 95% intervals; the
+    dashed line at 0 is "no difference": an interval crossing it is within noise."""
+    rows = table.sort_values("mean_diff")
+    fig, ax = plt.subplots(figsize=(6, 0.45 * len(rows) + 1.2))
+    y = np.arange(len(rows))
+    colors = ["tab:green" if lo > 0 else "tab:red" if hi < 0 else "tab:gray"
+              for lo, hi in zip(rows["ci_low"], rows["ci_high"])]
+    for yi, (mean, lo, hi, color) in enumerate(zip(rows["mean_diff"], rows["ci_low"], rows["ci_high"], colors)):
+        ax.errorbar(mean * scale, yi, xerr=[[(mean - lo) * scale], [(hi - mean) * scale]], fmt="o", color=color,
+                    capsize=3)
+    ax.axvline(0, color="k", ls="--", lw=1)
+    ax.set_yticks(y)
+    ax.set_yticklabels([f"{reference} - {o}" for o in rows["other"]])
+    ax.set_xlabel("paired Dice difference (points), 95% bootstrap interval")
+    ax.set_title(title or f"{reference} against every other model")
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, save)
+
+
+def dice_vs_latency(points: dict, highlight: str = "ts_kd", save: Optional[Path] = None, title: str = ""):
+    """``points = {model: (latency_ms, dice, params_m)}``: accuracy against CPU latency (log scale)."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, (lat, dice, params) in points.items():
+        ax.scatter(lat, dice, s=30 + 40 * params, color="tab:red" if name == highlight else
+                   "tab:purple" if name.startswith("teacher") else "tab:blue", alpha=0.8)
+        ax.annotate(name, (lat, dice), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("CPU latency per image, batch 1 (ms, log scale)")
+    ax.set_ylabel("test Dice")
+    ax.set_title(title or "accuracy against speed (marker size: parameters)")
+    ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
     return _save(fig, save)

@@ -1,4 +1,5 @@
-"""Stage 3 (tskd_utils.synthesis): the DDPM, its resumable training, sampling and quality checks.
+"""Stage 3 (tskd_utils.generation, tskd_utils.quality): the DDPM, its resumable training, sampling and
+quality checks.
 
 Smoke profile on the toy dataset: a 16 px UNet, 2 epochs, 4 DDIM steps.
 """
@@ -11,11 +12,13 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import make_toy_dataset
-from tskd_utils import synthesis as S
+from tskd_utils import generation as S
+from tskd_utils import quality as Q
+from tskd_utils.losses import diffusion_loss
 from tskd_utils.config import get_profile
 from tskd_utils.io import read_image, read_json
 from tskd_utils.run import setup_run
-from tskd_utils.training import STOP_ENV, StageInterrupted
+from tskd_utils.training import STOP_ENV, StageInterrupted, load_weights
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +55,7 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch(prediction_type):
     opt = torch.optim.AdamW(unet.parameters(), lr=3e-3)
     losses = []
     for _ in range(15):
-        loss = S.diffusion_loss(unet, scheduler, x0, noise, t)
+        loss = diffusion_loss(unet, scheduler, x0, noise, t)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -84,24 +87,24 @@ def test_training_data_and_samples_have_the_right_format(trained_run):
 def test_saved_pipeline_reloads_and_gives_identical_samples(trained_run):
     run, _, paths = trained_run
     cfg = run.profile.diffusion
-    # the EMA weights as the training stage left them in memory / in its final checkpoint
-    flat = load_file(str(run.synthetic_dir / S.STAGE_DIR / "final.safetensors"))
-    unet = S.build_unet(cfg)
-    unet.load_state_dict({k[len("ema."):]: v for k, v in flat.items() if k.startswith("ema.")}, strict=False)
-    pipe = S.load_pipeline(run)  # DDPMPipeline.from_pretrained, offline
-    for name, p in pipe.unet.named_parameters():
-        assert torch.equal(p, dict(unet.named_parameters())[name]), name
+    pipe = S.load_pipeline(run)  # DDPMPipeline.from_pretrained, offline: the EMA UNet
+    raw = S.build_unet(cfg)
+    load_weights(run.synthetic_dir / S.STAGE_DIR / "final.safetensors", {"unet": raw})
+    assert any(not torch.equal(p, dict(raw.named_parameters())[n]) for n, p in pipe.unet.named_parameters())
     batch = list(range(min(cfg.sample_batch_size, cfg.n_synthetic)))
-    a, _ = S.sample(unet.eval(), S.build_scheduler(cfg).config, cfg.sampler, cfg.sampling_steps, run.seed, batch)
-    b, _ = S.sample(pipe.unet, pipe.scheduler.config, cfg.sampler, cfg.sampling_steps, run.seed, batch)
+    a = S.sample(pipe.unet, pipe.scheduler.config, cfg.sampler, cfg.sampling_steps, run.seed, batch)
+    b = S.sample(S.load_pipeline(run).unet, pipe.scheduler.config, cfg.sampler, cfg.sampling_steps, run.seed, batch)
     assert a.shape == (len(batch), cfg.sample_size, cfg.sample_size) and a.min() >= 0 and a.max() <= 1
     assert np.array_equal(a, b)
     written = _pixels(paths[:len(batch)])
     assert np.array_equal(np.stack([S.to_uint8(x, run.profile.data.image_size) for x in b]), written)
+    # image i depends on (seed, i) only: alone or in a batch, the same image
+    alone = S.sample(pipe.unet, pipe.scheduler.config, cfg.sampler, cfg.sampling_steps, run.seed, batch[1:2])
+    assert np.allclose(alone[0], a[1], atol=1e-5)
     # another seed gives other images; the DPM-Solver sampler also runs
-    c, _ = S.sample(pipe.unet, pipe.scheduler.config, cfg.sampler, cfg.sampling_steps, run.seed + 1, batch)
+    c = S.sample(pipe.unet, pipe.scheduler.config, cfg.sampler, cfg.sampling_steps, run.seed + 1, batch)
     assert not np.array_equal(b, c)
-    d, _ = S.sample(pipe.unet, pipe.scheduler.config, "dpm", cfg.sampling_steps, run.seed, batch[:2])
+    d = S.sample(pipe.unet, pipe.scheduler.config, "dpm", cfg.sampling_steps, run.seed, batch[:2])
     assert d.shape == (2, cfg.sample_size, cfg.sample_size) and np.isfinite(d).all()
 
 
@@ -135,10 +138,10 @@ def test_training_resumes_after_an_interruption(trained_run, toy_data, monkeypat
     summary = S.train_diffusion(run)
     assert "resuming after epoch 1/2" in capsys.readouterr().out
     assert [r["epoch"] for r in summary["history"]] == [1, 2]
-    # the resumed run ends where an uninterrupted one ends: raw and EMA weights, and the pipeline
+    # the resumed run ends where an uninterrupted one ends: raw weights, and the EMA weights of the pipeline
     a = load_file(str(run.synthetic_dir / S.STAGE_DIR / "final.safetensors"))
     b = load_file(str(full_run.synthetic_dir / S.STAGE_DIR / "final.safetensors"))
-    assert a.keys() == b.keys() and any(k.startswith("ema.") for k in a)
+    assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
     pa = load_file(str(run.synthetic_dir / S.PIPELINE_DIR / "unet" / "diffusion_pytorch_model.safetensors"))
@@ -152,7 +155,7 @@ def test_zero_synthetic_images_skip_the_stage(toy_data, capsys):
     assert S.train_diffusion(run)["skipped"]
     assert "skipped" in capsys.readouterr().out
     assert S.generate(run) == [] and S.synthetic_paths(run) == []
-    assert S.quality_report(run)["skipped"]
+    assert Q.quality_report(run)["skipped"]
     record = read_json(run.synthetic_dir / "synthetic.json")
     assert record["n_synthetic"] == 0 and record["skipped"]
     assert not (run.synthetic_dir / S.STAGE_DIR).exists() and not (run.synthetic_dir / S.PIPELINE_DIR).exists()
@@ -170,16 +173,16 @@ def test_missing_synthetic_images_raise_a_clear_error(toy_data):
 def test_frechet_distance():
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=(400, 4)), rng.normal(size=(400, 4))
-    assert S.frechet_distance(a, a) == pytest.approx(0, abs=1e-8)
-    assert S.frechet_distance(a, b) < 0.2
-    assert S.frechet_distance(a, b + 3) == pytest.approx(4 * 9, rel=0.05)  # ||mu shift||^2 dominates
+    assert Q.frechet_distance(a, a) == pytest.approx(0, abs=1e-8)
+    assert Q.frechet_distance(a, b) < 0.2
+    assert Q.frechet_distance(a, b + 3) == pytest.approx(4 * 9, rel=0.05)  # ||mu shift||^2 dominates
     few = rng.normal(size=(5, 16))  # fewer samples than dimensions: singular covariances
-    assert np.isfinite(S.frechet_distance(few, rng.normal(size=(5, 16))))
+    assert np.isfinite(Q.frechet_distance(few, rng.normal(size=(5, 16))))
 
 
 def test_quality_report(trained_run):
     run, _, paths = trained_run
-    report = S.quality_report(run)
+    report = Q.quality_report(run)
     assert (run.synthetic_dir / "quality.json").is_file()
     k = min(len(paths), len(run.splits["train"]) // 2)
     assert report["fd_set_size"] == k and len(report["fd_real_vs_synthetic"]["values"]) == report["draws"]
@@ -188,9 +191,8 @@ def test_quality_report(trained_run):
     for space in ("embedding", "pixels"):
         m = report[f"memorisation_{space}"]
         assert m["synthetic_to_train"]["n"] == len(paths) and m["heldout_real_to_train"]["n"] == len(run.splits["val"])
-    traj = S.denoising_trajectory(run, n_steps_shown=3)
-    assert traj["step"][0] == 0 and traj["step"][-1] == run.profile.diffusion.sampling_steps
-    assert traj["timestep"][-1] == -1 and traj["images"][0].shape == (run.profile.diffusion.sample_size,) * 2
+    assert Q.fd_table(report).shape[0] == 3 and not Q.memorisation_table(report).empty
+    assert Q.quality_report(run) == report  # reused
 
 
 @pytest.mark.parametrize("profile", ["demo", "colab"])
