@@ -46,7 +46,7 @@ class Progress:
             except OSError:
                 continue
             started = status.get("started")
-            if not started or status.get("pid") is None:
+            if not started or status.get("attempt") != spec.attempt:  # not started yet, or an earlier attempt's
                 continue
             for nb in NOTEBOOKS:  # every notebook this attempt started, even one that began and ended between polls
                 entry = status["notebooks"].get(nb, {})

@@ -40,7 +40,7 @@ import socket
 import sys
 import tempfile
 import time
-import traceback
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,6 +114,7 @@ class RunSpec:
     log_output: bool = False
     announce: bool = True  # print progress here (the local executor); remote drivers poll status.json instead
     command: str = ""
+    attempt: str = ""  # written into status.json, so a driver tells this attempt's progress from an earlier one's
 
     @property
     def label(self) -> str:
@@ -371,7 +372,7 @@ def _kernel_manager_class(ipc_dir: Optional[Path] = None):
 
 
 def execute_run(run_dir: Path, params: dict, notebooks_dir: Path, methods: Sequence[str], label: str,
-                log_output: bool = False, announce: bool = True, force: Sequence[str] = ()) -> dict:
+                log_output: bool = False, announce: bool = True, force: Sequence[str] = (), attempt: str = "") -> dict:
     """Execute the notebooks of one run, skipping those that finished; returns its status.
 
     ``force``: notebooks executed with ``force=True`` (a finished stage is recomputed). The caller holds the lock.
@@ -383,7 +384,7 @@ def execute_run(run_dir: Path, params: dict, notebooks_dir: Path, methods: Seque
     out_dir.mkdir(parents=True, exist_ok=True)
     status_path = run_dir / "status.json"
     status = read_status(run_dir)
-    status.update(state="running", host=socket.gethostname(), pid=os.getpid(), started=time.time())
+    status.update(state="running", host=socket.gethostname(), pid=os.getpid(), started=time.time(), attempt=attempt)
     for key in ("error", "notebook", "seconds"):
         status.pop(key, None)
     start = time.perf_counter()
@@ -466,7 +467,7 @@ def _run_locked(spec: RunSpec, run_dir: Path) -> dict:
         status["skipped"] = True
         return status
     status = execute_run(run_dir, spec.params, Path(spec.notebooks_dir), spec.methods, spec.label,
-                         spec.log_output, spec.announce, force=sorted(force))
+                         spec.log_output, spec.announce, force=sorted(force), attempt=spec.attempt)
     if status.get("state") == "done":
         after = check_run(run_dir, spec.methods)
         if after:  # a notebook said done but its files are not there: the run failed, loudly
@@ -672,17 +673,18 @@ def sweep(profile: str, dataset: str, data_root: Path, n_labeled: Sequence[int],
                      n_labeled=int(n), seed=int(s), settings=dict(c), overrides={**overrides, **c},
                      run_dir=str(out / run_name(dataset, n, s, c)), methods=list(methods),
                      notebooks_dir=str(notebooks_dir), log_output=log_output, announce=runner.announces,
-                     command=command)
+                     command=command, attempt=uuid.uuid4().hex)
              for i, (n, s, c) in enumerate(runs, start=1)]
     failures: list = []
     t_all = time.perf_counter()
     todo = []
     for spec in specs:  # read-only checks here; the worker repeats them under the run's lock
         run_dir = Path(spec.run_dir)
-        problem = config_mismatch(run_dir, spec.wanted_config()) or locked_by(run_dir)
-        if problem:
-            _announce_done(spec, {"state": "failed", "notebook": NOTEBOOKS[0] if "config.json" in problem else "lock",
-                                  "error": problem}, failures)
+        mismatch = config_mismatch(run_dir, spec.wanted_config())
+        holder = None if mismatch else locked_by(run_dir)
+        if mismatch or holder:
+            _announce_done(spec, {"state": "failed", "notebook": NOTEBOOKS[0] if mismatch else "lock",
+                                  "error": mismatch or holder}, failures)
             continue
         status = read_status(run_dir)
         done = [nb for nb in NOTEBOOKS if status["notebooks"].get(nb, {}).get("state") == "done"]
