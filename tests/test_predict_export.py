@@ -283,6 +283,20 @@ def test_onnx_export_passes_its_parity_check_on_the_test_images(run, exported):
         assert got.shape == ref.shape and np.abs(got - ref).max() <= parity["tolerance"]
 
 
+def test_parity_falls_back_to_the_given_images_without_test_images(run, inputs):
+    import dataclasses
+
+    from tskd_utils.export import parity_images
+
+    images, source = parity_images(run)
+    assert len(images) == len(run.splits["test"]) and "test split" in source
+    no_test = dataclasses.replace(run, _splits={**run.splits, "test": []})
+    images, source = parity_images(no_test, [inputs])
+    assert len(images) == 6 and "6 given images" in source and images[0].dtype == np.uint8
+    with pytest.raises(DataError, match="--inputs"):
+        parity_images(no_test)
+
+
 def test_onnx_backend_gives_the_same_masks(run, inputs, exported, predicted, tmp_path):
     out, _ = exported
     report = predict.predict_files(run, "ts_kd", inputs, tmp_path / "onnx", backend="onnx", onnx=out / ONNX_NAME,
