@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .data import letterbox, unletterbox
+from .data import letterbox, letterbox_valid, unletterbox
 from .io import DataError, write_png
 
 RASTER_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
@@ -202,12 +202,6 @@ def to_gray_uint8(path) -> tuple[np.ndarray, Optional[str]]:
     return gray, note
 
 
-def inner_size(shape: tuple, size: int) -> tuple[int, int]:
-    """(rows, cols) of an image of ``shape`` inside its ``size`` x ``size`` letterbox (the rest is padding)."""
-    scale = size / max(shape[0], shape[1])
-    return max(1, int(round(shape[0] * scale))), max(1, int(round(shape[1] * scale)))
-
-
 def model_input(gray: np.ndarray, size: int) -> np.ndarray:
     """(H, W) uint8 -> (1, 1, size, size) float32 in [0, 1]: letterboxed, as in training and evaluation."""
     return (letterbox(gray, size).astype(np.float32) / 255.0)[None, None]
@@ -242,7 +236,7 @@ class Segmenter:
     forward: Callable[..., np.ndarray]
 
     def logits(self, gray: np.ndarray) -> np.ndarray:
-        valid = np.array([inner_size(gray.shape, self.input_size)], dtype=np.int64)
+        valid = np.array([letterbox_valid(gray.shape, self.input_size)], dtype=np.int64)
         return self.forward(model_input(gray, self.input_size), valid)[0]
 
     def __call__(self, gray: np.ndarray) -> np.ndarray:
