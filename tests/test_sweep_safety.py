@@ -93,6 +93,14 @@ def test_executor_options_need_their_executor(tmp_path, capsys):
     assert e.value.code == 2 and "--slurm-partition needs --executor slurm" in capsys.readouterr().err
 
 
+def test_unreachable_ray_address_stops_before_any_work(tmp_path, capsys):
+    pytest.importorskip("ray", reason="the cluster extra is not installed")
+    code = reproduce.main(["--profile", "smoke", "--executor", "ray", "--ray-address", "127.0.0.1:1", "--out",
+                           str(tmp_path / "runs")])
+    assert code == 2 and "--ray-address 127.0.0.1:1: nothing answers there" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
 # ------------------------------------------------------------------------------------ locks and sockets
 
 

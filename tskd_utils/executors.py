@@ -88,6 +88,21 @@ def _lost_reason(kind: str, e: BaseException) -> str:
     return f"{kind} ({type(e).__name__}{': ' + detail[:300] if detail else ''}); re-run the sweep to resume the run"
 
 
+def _check_reachable(address: Optional[str], timeout: float = 5.0) -> None:
+    """A host:port (or ray://host:port) address must accept a TCP connection; "auto" and the like are left to Ray."""
+    import re
+    import socket
+
+    m = re.fullmatch(r"(?:ray://)?\[?([^\]/]+?)\]?:(\d+)", str(address or ""))
+    if not m:
+        return
+    try:
+        socket.create_connection((m.group(1), int(m.group(2))), timeout=timeout).close()
+    except OSError as e:
+        raise SweepError(f"--ray-address {address}: nothing answers there ({e.strerror or e}); start the cluster "
+                         f"(ray start --head) or check the address (ray status on the head node)") from None
+
+
 class RayExecutor(Executor):
     """One Ray task per run, with the CPUs (and GPU) its profile needs; tasks are not retried by Ray (a run whose
     worker or node dies is reported, and resumed by the next sweep)."""
@@ -98,13 +113,17 @@ class RayExecutor(Executor):
     def __init__(self, profile: str, address: Optional[str] = None, cpus_per_run: Optional[int] = None,
                  gpus_per_run: Optional[int] = None, log_output: bool = False, **_):
         try:
-            import ray  # noqa: F401
+            import ray
         except ImportError:
             raise SweepError(f"--executor ray needs Ray: {CLUSTER_HINT}") from None
         self.address, self.log_output = address, log_output
         self.cpus, self.gpus = run_resources(profile, cpus_per_run, gpus_per_run)
+        if not ray.is_initialized():  # Ray itself retries an unreachable address for minutes
+            import os
 
-    def _check_resources(self, ray, started_here: bool) -> None:
+            _check_reachable(address or os.environ.get("RAY_ADDRESS"))
+
+    def _check_resources(self, ray, local_runtime: bool) -> None:
         nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
         best_cpu = max((r.get("CPU", 0) for r in nodes), default=0)
         best_gpu = max((r.get("GPU", 0) for r in nodes), default=0)
@@ -112,7 +131,7 @@ class RayExecutor(Executor):
             return
         msg = (f"a run asks for {self.cpus} CPU(s) and {self.gpus} GPU(s), but the largest Ray node has "
                f"{best_cpu:g} CPU(s) and {best_gpu:g} GPU(s)")
-        if started_here:
+        if local_runtime:
             raise SweepError(msg + "; pass --cpus-per-run / --gpus-per-run, or --ray-address for a cluster that has them")
         print(f"warning: {msg}; the runs wait until such a node joins the cluster", flush=True)
 
@@ -122,16 +141,21 @@ class RayExecutor(Executor):
         import ray
         from ray.exceptions import RayError, RayTaskError
 
-        started_here = False
+        started_here, local_runtime = False, False
         if not ray.is_initialized():
             address = self.address or os.environ.get("RAY_ADDRESS")
-            if address:
-                ray.init(address=address, log_to_driver=self.log_output)
-            else:
-                ray.init(include_dashboard=False, log_to_driver=self.log_output)
-            started_here = True
+            try:
+                if address:
+                    ray.init(address=address, log_to_driver=self.log_output)
+                else:
+                    ray.init(include_dashboard=False, log_to_driver=self.log_output)
+            except Exception as e:  # no cluster at that address, a version mismatch, ...
+                where = f"the Ray cluster at {address}" if address else "a local Ray runtime"
+                raise SweepError(f"--executor ray: could not start or reach {where}: {type(e).__name__}: "
+                                 f"{str(e).strip()[:300]}") from None
+            started_here, local_runtime = True, not address
         try:
-            self._check_resources(ray, started_here)
+            self._check_resources(ray, local_runtime)
             task = ray.remote(run_one)
             # the project's environment settings (TSKD_*) travel with the task; the rest is the node's own
             env = {k: v for k, v in os.environ.items() if k.startswith("TSKD_")}
@@ -148,7 +172,7 @@ class RayExecutor(Executor):
             try:
                 while pending:
                     ready, pending = ray.wait(pending, num_returns=1, timeout=POLL_S)
-                    progress.poll([refs[r] for r in pending] + [refs[r] for r in ready])
+                    progress.poll(specs)
                     for ref in ready:
                         spec = refs[ref]
                         try:
@@ -208,7 +232,11 @@ class SlurmExecutor(Executor):
         if self.cluster == "local":  # the local executor knows only these
             params = {k: v for k, v in params.items() if k in ("timeout_min", "gpus_per_node", "name")}
         executor.update_parameters(**params)
-        jobs = executor.map_array(run_one, list(specs))
+        try:
+            jobs = executor.map_array(run_one, list(specs))
+        except Exception as e:  # sbatch refused the job (unknown partition, account, time above the limit, ...)
+            raise SweepError(f"--executor slurm: the array job was not accepted: {type(e).__name__}: "
+                             f"{str(e).strip()[:500]}") from None
         try:
             (self.folder / "%j").rmdir()  # an empty placeholder submitit leaves beside the job folders
         except OSError:
@@ -221,7 +249,7 @@ class SlurmExecutor(Executor):
         try:
             while pending:
                 time.sleep(POLL_S)
-                progress.poll(list(by_job.values()))
+                progress.poll(specs)
                 still = []
                 for job in pending:
                     if not job.done():
