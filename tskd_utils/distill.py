@@ -204,10 +204,10 @@ class FeatureAlign(nn.Module):
         return self.proj(f)
 
 
-def new_student(run: Run) -> Student:
+def new_student(run: Run, n_classes: Optional[int] = None) -> Student:
     """A freshly initialised student: the same initial weights for every method of the run."""
     s = run.profile.student
-    return build_student(s.name, run.profile.data.image_size, run.info.n_classes, s.decoder_channels,
+    return build_student(s.name, run.profile.data.image_size, n_classes or run.info.n_classes, s.decoder_channels,
                          seed=run.seed_for("student init")).to(run.device)
 
 
@@ -370,7 +370,7 @@ def finetune(run: Run, method: str, force: bool = False) -> dict:
                        lambda: {"val_dice": val_dice(student, val_ds, device, f.batch_size)},
                        seed=run.seed_for("finetune", method), scheduler=sched, scaler=scaler, monitor="val_dice")
     save_weights(method_dir(run, method) / "student.safetensors", {"student": student},
-                 {"method": method, "student": prof.student.name})
+                 {"method": method, "student": prof.student.name, "classes": json.dumps(run.info.classes)})
     return {"method": method, "finetune_seconds": round(sum(r["seconds"] for r in hist), 2),
             "best_val_dice": max(r["val_dice"] for r in hist), "epochs": f.epochs}
 
@@ -393,8 +393,16 @@ def load_student(run: Run, method: str, device: Optional[str] = None) -> Student
     path = method_dir(run, method) / "student.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: run notebook 04 (tskd_utils.distill.run_method) for {method!r}")
-    student = new_student(run)
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as fh:  # the classes travel with the weights: no dataset folder needed
+            classes = json.loads((fh.metadata() or {}).get("classes", "null") or "null")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise DataError(f"{path}: not a readable safetensors file ({e}); re-run notebook 04 for {method!r}") from None
+    student = new_student(run, len(classes) if classes else None)
     load_weights(path, {"student": student})
+    student.classes = classes
     return student.to(device or run.device).eval()
 
 

@@ -1,7 +1,8 @@
 """The embedded phantom: a synthetic, ultrasound-like organ segmentation dataset (no download).
 
-Every case is a B-mode sector scan of one "organ": a smooth closed outline whose thin echogenic
-rim is class 1 (``capsule``) and whose enclosed parenchyma is class 2 (``inner``). A few
+Every case is a B-mode sector scan of one "organ": a smooth closed outline whose bright echogenic
+wall (a few pixels thick, like a skull or a kidney capsule: structure a pretrained medical encoder
+can see) is class 1 (``capsule``) and whose enclosed parenchyma is class 2 (``inner``). A few
 consecutive cases ("frames") show the same subject with a small probe motion and organ
 deformation; cases.csv records the subject, so grouped splits keep frames of one subject together.
 
@@ -70,14 +71,14 @@ FAN_BOTTOM_MARGIN = 0.02  # the fan's bottom arc stays this far above the bottom
 
 ORGAN_DEPTH_RANGE = (0.4, 0.7)  # organ centre, as a fraction of the fan's depth range
 ORGAN_ANGLE_FRACTION = 0.4  # organ centre within this fraction of the half angle
-ORGAN_SIZE_OF_ROOM = (0.75, 1.0)  # organ size, as a fraction of the largest that fits in the fan
-ORGAN_MIN_SEMI_AXIS = 0.08  # smaller draws are rejected (20 px at 256)
+ORGAN_SIZE_OF_ROOM = (0.85, 1.0)  # organ size, as a fraction of the largest that fits in the fan
+ORGAN_MIN_SEMI_AXIS = 0.15  # smaller draws are rejected (38 px at 256): the inner region stays sizeable
 ORGAN_MAX_SEMI_AXIS = 0.30
-ORGAN_ELONGATION = (0.5, 1.0)  # minor / major semi-axis
-ORGAN_MIN_MINOR_AXIS = 0.06
+ORGAN_ELONGATION = (0.65, 1.0)  # minor / major semi-axis
+ORGAN_MIN_MINOR_AXIS = 0.12
 ORGAN_HARMONICS = np.arange(2, 6)  # Fourier harmonics of the radius (k = 1 would only translate)
 HARMONIC_AMPLITUDE = 0.18  # amplitude of harmonic k is uniform in +-HARMONIC_AMPLITUDE / k
-CAPSULE_THICKNESS = (0.025, 0.040)  # 6.4 .. 10 px at 256 (3 .. 5 px at the demo student's 128)
+CAPSULE_THICKNESS = (0.035, 0.050)  # 9 .. 13 px at 256 (4.5 .. 6.4 px at the demo student's 128)
 
 FRAME_SHIFT_SD = 0.012  # probe motion between frames
 FRAME_ROTATION_SD = 0.05  # rad, organ rotation between frames
@@ -93,8 +94,8 @@ CONTRAST_REGIMES = {
 INNER_TEXTURE_SD = (0.0, 0.5)  # low-frequency heterogeneity of the parenchyma (natural-log units)
 SPARSE_SCATTERER_FRACTION = (0.15, 0.4)  # "rough" texture: few scatterers per resolution cell
 COHERENT_FRACTION = (0.55, 0.85)  # "smooth" texture: share of a coherent (specular) component
-CAPSULE_GAIN_DB = (6.0, 14.0)  # capsule echo at normal incidence
-CAPSULE_GRAZING_FLOOR = (0.15, 0.45)  # fraction of that gain left at grazing incidence
+CAPSULE_GAIN_DB = (10.0, 16.0)  # capsule echo at normal incidence: a bright, skull- or kidney-capsule-like wall
+CAPSULE_GRAZING_FLOOR = (0.55, 0.85)  # fraction of that gain left at grazing incidence (the wall stays visible)
 CAPSULE_SPECULAR_POWER = (1.0, 3.0)
 
 TISSUE_TEXTURE_SD = ((0.2, 0.5), (0.1, 0.35))  # coarse and medium texture octaves (natural-log units)
