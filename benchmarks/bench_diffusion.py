@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Time the DDPM of stage 3 (tskd_utils.synthesis) on this machine.
+"""Time the DDPM of stage 3 (tskd_utils.generation) on this machine.
 
     python benchmarks/bench_diffusion.py                                  # micro-benchmark, demo profile
     python benchmarks/bench_diffusion.py --data-root /tmp/tskd_data --dataset hc18 --run-dir /tmp/runs/bench
@@ -31,7 +31,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tskd_utils import synthesis as S  # noqa: E402
+from tskd_utils import generation as S  # noqa: E402
+from tskd_utils import quality as Q  # noqa: E402
+from tskd_utils.losses import diffusion_loss  # noqa: E402
 from tskd_utils.config import get_profile  # noqa: E402
 
 
@@ -61,7 +63,7 @@ def micro(profile: str, overrides: dict, repeats: int, warmup: int, n_train) -> 
     x = torch.rand(cfg.batch_size, 1, cfg.sample_size, cfg.sample_size) * 2 - 1
 
     def step():
-        loss = S.diffusion_loss(unet, sched, x)
+        loss = diffusion_loss(unet, sched, x)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.max_grad_norm)
@@ -103,7 +105,7 @@ def real(profile: str, overrides: dict, dataset: str, data_root: str, run_dir: s
     S.generate(run)
     out["sample_wall_s"] = round(time.perf_counter() - t, 1)
     t = time.perf_counter()
-    q = S.quality_report(run)
+    q = Q.quality_report(run)
     out["quality_wall_s"] = round(time.perf_counter() - t, 1)
     out["quality"] = {k: v for k, v in q.items() if k not in ("nearest",)}
     for k in ("fd_real_vs_synthetic", "fd_floor_real_vs_real"):

@@ -25,7 +25,8 @@ def main() -> None:
     from peft import LoraConfig, get_peft_model
 
     from tskd_utils.config import get_profile
-    from tskd_utils.distill import FeatureAlign, kd_loss
+    from tskd_utils.distill import FeatureAlign
+    from tskd_utils.losses import kd_loss
     from tskd_utils.models import TeacherSegmenter, build_student, build_teacher, freeze
 
     prof = get_profile(args.profile)
@@ -36,7 +37,8 @@ def main() -> None:
                                    target_modules=enc.lora_target_regex(t.lora_targets, t.lora_stages)))
     teacher = freeze(TeacherSegmenter(enc, 3, t.head_channels))
     student = build_student(prof.student.name, size_s, 3, prof.student.decoder_channels)
-    align = FeatureAlign(student.embed_dim, enc.embed_dim, enc.grid)
+    align = FeatureAlign(student.embed_dim, enc.embed_dim)
+    grid = student.grid
     opt = torch.optim.AdamW(list(student.parameters()) + list(align.parameters()), lr=d.lr)
     x_t = torch.rand(args.images, 1, t.input_size, t.input_size)
     x_s = F.interpolate(x_t, size=(size_s, size_s), mode="area")
@@ -46,7 +48,7 @@ def main() -> None:
         with torch.inference_mode():
             emb = teacher.encoder(xt)
             logits = F.interpolate(teacher.head(emb), size=(size_s, size_s), mode="area")
-        return emb.half().clone(), logits.half().clone()
+        return F.adaptive_avg_pool2d(emb, grid).half().clone(), logits.half().clone()  # pooled as the cache is
 
     t0 = time.perf_counter()
     cache = [teacher_targets(x_t[i:i + 1]) for i in range(args.images)]

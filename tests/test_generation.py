@@ -208,3 +208,22 @@ def test_profile_unets_build_with_attention_at_the_lowest_resolution(profile):
         with torch.no_grad():
             out = unet(torch.zeros(1, 1, cfg.sample_size, cfg.sample_size), torch.tensor([10])).sample
         assert out.shape == (1, 1, cfg.sample_size, cfg.sample_size)
+
+
+def test_latent_diffusion_trains_an_autoencoder_and_samples_through_it(toy_data):
+    latent = {"diffusion.latent": True, "diffusion.sample_size": 32, "diffusion.vae_block_out_channels": [8, 16, 16],
+              "diffusion.vae_epochs": 3, "diffusion.block_out_channels": [16, 16]}
+    run = setup_run(toy_data.parent / "runs" / "latent", profile="smoke", dataset="toy", data_root=toy_data,
+                    n_labeled=6, seed=0, overrides=latent)
+    paths = S.generate(run)
+    pipe = S.load_pipeline(run)
+    assert type(pipe).__name__ == "LDMPipeline" and pipe.unet.config.sample_size == 8  # 32 px / 4
+    assert pipe.unet.config.in_channels == run.profile.diffusion.latent_channels
+    latents = S.encoded(pipe.vqvae, S.training_images(run), "cpu")
+    assert abs(float(latents.std()) - 1) < 0.05  # scaling_factor makes the training latents unit-variance
+    assert (run.synthetic_dir / "vae" / "done.json").is_file() and len(paths) == run.profile.diffusion.n_synthetic
+    cfg = run.profile.diffusion
+    again = S.sample(pipe.unet, pipe.scheduler.config, cfg.sampler, cfg.sampling_steps, run.seed, [0, 1],
+                     vae=pipe.vqvae)
+    assert again.shape == (2, 32, 32) and np.array_equal(np.stack([S.to_uint8(x, 32) for x in again]),
+                                                         _pixels(paths[:2]))

@@ -50,22 +50,10 @@ TARGETS_VERSION = 2  # bump when what a cached target file holds changes
 # ------------------------------------------------------------------------------ transfer set
 
 
-def unlabeled_subset(run: Run) -> list[str]:
-    """``distill.n_unlabeled`` unlabeled train cases (all when None), a seeded draw: for one seed a smaller
-    subset is part of a larger one."""
-    pool, n = list(run.splits["unlabeled"]), run.profile.distill.n_unlabeled
-    if n is None or n >= len(pool):
-        return pool
-    if n < 0:
-        raise DataError(f"distill.n_unlabeled must be >= 0 or None (all), got {n}")
-    order = np.random.default_rng(run.seed_for("transfer set")).permutation(len(pool))
-    return sorted(pool[i] for i in order[:n])
-
-
 def transfer_set(run: Run, synthetic: bool = True) -> tuple[list[str], list[Path], list[bool]]:
     """(names, image paths, is_synthetic) of the transfer set: the labeled cases, the chosen unlabeled
     ones and (with ``synthetic``) the synthetic images."""
-    real = sorted(run.splits["labeled"] + unlabeled_subset(run))
+    real = run.real_transfer_cases()
     names, paths, flags = real, [run.info.case(c).image for c in real], [False] * len(real)
     if synthetic:
         from .generation import synthetic_paths

@@ -13,8 +13,13 @@ noise-prediction loss and a sampling loop); this module keeps the bookkeeping.
   weights (diffusers ``EMAModel``, checkpointed with its own ``state_dict``), fp16 on CUDA only. The
   loop is a :class:`tskd_utils.training.Stage` in ``<run>/synthetic/ddpm``. The EMA UNet and the
   scheduler are saved with ``save_pretrained`` to ``<run>/synthetic/pipeline``.
-* Data: each train image is letterboxed to ``data.image_size``, resized to ``sample_size`` (area)
-  and scaled to [-1, 1]; random horizontal flips. The DDPM learns the whole letterboxed frame.
+* Data: the real images of the transfer set (the labeled cases and the unlabeled ones the run uses:
+  the generator sees no image the student does not), letterboxed to ``data.image_size``, resized to
+  ``sample_size`` (area), scaled to [-1, 1]; random horizontal flips. It learns the letterboxed frame.
+* Latent diffusion (``latent=True``): a small ``AutoencoderKL`` is trained first on the same images (L1
+  reconstruction + a small KL term, stage ``<run>/synthetic/vae``), the images are encoded once
+  (and their mirror images), and the UNet learns the scaled latents; samples are decoded by the
+  autoencoder (diffusers' ``LDMPipeline``). The UNet then works at a quarter of the resolution.
 * Sampling: diffusers' ``DDIMPipeline`` (eta 0; or DPM-Solver++ through ``DDPMPipeline``) with one
   generator per image seeded from (run seed, image index), in fixed batches, so the images do not
   depend on how often generation was interrupted. Samples are upsampled to ``data.image_size``
@@ -23,6 +28,7 @@ noise-prediction loss and a sampling loop); this module keeps the bookkeeping.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 import time
@@ -48,21 +54,52 @@ SAMPLERS = ("ddim", "dpm")
 # ===================================================================================== models
 
 
+@contextlib.contextmanager
+def _quiet_diffusers():
+    """diffusers warns that LDMPipeline's ``vqvae`` is typed as a VQModel; an AutoencoderKL decodes the same way."""
+    from diffusers.utils import logging as dlogging
+
+    level = dlogging.get_verbosity()
+    dlogging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        dlogging.set_verbosity(level)
+
+
+
 def norm_groups(channels: Sequence[int]) -> int:
     """GroupNorm groups for the UNet: at least 4 channels per group, at most 32 groups."""
     return max(1, min(32, math.gcd(*channels) // 4))
 
 
+def latent_size(cfg: DiffusionConfig) -> int:
+    """The UNet's resolution: ``sample_size``, or the autoencoder's latent grid."""
+    return cfg.sample_size // 2 ** (len(cfg.vae_block_out_channels) - 1) if cfg.latent else cfg.sample_size
+
+
+def build_vae(cfg: DiffusionConfig):
+    """A small 1-channel ``AutoencoderKL`` (latent diffusion only)."""
+    from diffusers import AutoencoderKL
+
+    n = len(cfg.vae_block_out_channels)
+    return AutoencoderKL(in_channels=1, out_channels=1, down_block_types=("DownEncoderBlock2D",) * n,
+                         up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=tuple(cfg.vae_block_out_channels),
+                         latent_channels=cfg.latent_channels, norm_num_groups=norm_groups(cfg.vae_block_out_channels),
+                         sample_size=cfg.sample_size, mid_block_add_attention=False)
+
+
 def build_unet(cfg: DiffusionConfig):
-    """A 1-channel ``UNet2DModel`` sized by the profile (attention at the lowest resolution if asked)."""
+    """A ``UNet2DModel`` sized by the profile (attention at the lowest resolution if asked): 1 channel in pixel
+    space, ``latent_channels`` in latent space."""
     from diffusers import UNet2DModel
 
-    n = len(cfg.block_out_channels)
+    n, channels = len(cfg.block_out_channels), cfg.latent_channels if cfg.latent else 1
     down, up = ["DownBlock2D"] * n, ["UpBlock2D"] * n
     if cfg.attention:  # the last down block and the first up block work at the lowest resolution
         down[-1], up[0] = "AttnDownBlock2D", "AttnUpBlock2D"
     return UNet2DModel(
-        sample_size=cfg.sample_size, in_channels=1, out_channels=1, layers_per_block=cfg.layers_per_block,
+        sample_size=latent_size(cfg), in_channels=channels, out_channels=channels, layers_per_block=cfg.layers_per_block,
         block_out_channels=tuple(cfg.block_out_channels), down_block_types=tuple(down), up_block_types=tuple(up),
         add_attention=cfg.attention, norm_num_groups=norm_groups(cfg.block_out_channels),
     )
@@ -98,13 +135,14 @@ def to_sample_size(image: np.ndarray, sample_size: int) -> np.ndarray:
 
 
 def train_paths(run: Run) -> list[Path]:
-    return [run.info.case(c).image for c in run.splits["train"]]
+    """The images the generator learns from: the real images of the run's transfer set."""
+    return [run.info.case(c).image for c in run.real_transfer_cases()]
 
 
 def training_images(run: Run) -> torch.Tensor:
-    """All train images of the run as (N, 1, S, S) float32 in [-1, 1] at the DDPM's ``sample_size``."""
+    """The generator's training images as (N, 1, S, S) float32 in [-1, 1] at ``sample_size``."""
     size, s = run.profile.data.image_size, run.profile.diffusion.sample_size
-    ds = ImageDataset(train_paths(run), size, names=run.splits["train"])
+    ds = ImageDataset(train_paths(run), size, names=run.real_transfer_cases())
     arr = np.stack([to_sample_size(im, s) for im in ds.images]).astype(np.float32)
     return torch.from_numpy(arr / 127.5 - 1.0)[:, None]
 
@@ -126,13 +164,64 @@ def _training_inputs(run: Run, loss_fn: Callable) -> dict:
     d = run.settings("diffusion")["diffusion"]
     for k in ("n_synthetic", "sampler", "sampling_steps", "sample_batch_size"):  # sampling only
         d.pop(k)
-    return {"split": run.split_digest("train"), "diffusion": d, "image_size": run.profile.data.image_size,
-            "seed": run.seed, "loss": source_digest(loss_fn)}
+    return {"images": value_digest(run.real_transfer_cases()), "diffusion": d, "seed": run.seed,
+            "image_size": run.profile.data.image_size, "loss": source_digest(loss_fn)}
 
 
-def _fit_ddpm(run: Run, stage: Stage, unet, scheduler, ema, loss_fn: Callable) -> list[dict]:
+def _fit_vae(run: Run, stage: Stage, vae, data: torch.Tensor) -> list[dict]:
+    """Train the autoencoder: L1 reconstruction + ``vae_kl_weight`` x KL of the posterior, random flips."""
     cfg, device = run.profile.diffusion, run.device
-    data = training_images(run)
+    n, bs = data.shape[0], cfg.batch_size
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=cfg.weight_decay)
+    sched = warmup_cosine(opt, cfg.warmup_steps, cfg.vae_epochs * math.ceil(n / bs))
+    scaler = grad_scaler(device, False)
+
+    def train_epoch(epoch: int) -> dict:
+        vae.train()
+        order, total = torch.randperm(n), 0.0
+        for i in range(0, n, bs):
+            x = data[order[i:i + bs]].to(device)
+            x = torch.where((torch.rand(x.shape[0]) < 0.5).to(device)[:, None, None, None], x.flip(-1), x)
+            posterior = vae.encode(x).latent_dist
+            loss = (vae.decode(posterior.sample()).sample - x).abs().mean() + cfg.vae_kl_weight * posterior.kl().mean()
+            optimizer_step(loss, opt, scaler, sched, vae.parameters(), cfg.max_grad_norm)
+            total += loss.item() * x.shape[0]
+        return {"loss": total / n}
+
+    return stage.train({"vae": vae}, opt, cfg.vae_epochs, train_epoch, seed=run.seed_for("vae"), scheduler=sched)
+
+
+def train_vae(run: Run, data: torch.Tensor, force: bool = False):
+    """The latent-diffusion autoencoder of the run (resumable, reused while its inputs are unchanged), with
+    ``scaling_factor`` set so that the encoded training images have unit standard deviation."""
+    cfg = run.profile.diffusion
+    inputs = {k: v for k, v in _training_inputs(run, diffusion_loss).items() if k != "loss"}
+    stage = Stage(run.synthetic_dir / "vae", inputs, desc="autoencoder", force=force)
+    with seeded(run.seed_for("vae", "init")):
+        vae = build_vae(cfg).to(run.device)
+    if stage.finished:
+        stage.load_final({"vae": vae})
+    else:
+        _fit_vae(run, stage, vae, data)
+    vae.eval()
+    with torch.inference_mode():
+        mean = torch.cat([vae.encode(data[i:i + 16].to(run.device)).latent_dist.mean for i in range(0, len(data), 16)])
+    vae.register_to_config(scaling_factor=float(1.0 / mean.std()))
+    return vae
+
+
+def encoded(vae, data: torch.Tensor, device: str) -> torch.Tensor:
+    """Scaled posterior means of images in [-1, 1]: (N, C, h, w), what the latent UNet learns."""
+    with torch.inference_mode():
+        return torch.cat([vae.encode(data[i:i + 16].to(device)).latent_dist.mean.cpu() for i in
+                          range(0, len(data), 16)]) * vae.config.scaling_factor
+
+
+def _fit_ddpm(run: Run, stage: Stage, unet, scheduler, ema, loss_fn: Callable, data: torch.Tensor,
+              mirrored: Optional[torch.Tensor] = None) -> list[dict]:
+    """Train the UNet on ``data`` (images in [-1, 1], or latents); a random half of each batch is mirrored
+    (``mirrored``: the mirror images' own latents, for latent diffusion)."""
+    cfg, device = run.profile.diffusion, run.device
     n, bs = data.shape[0], cfg.batch_size
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = warmup_cosine(opt, cfg.warmup_steps, cfg.epochs * math.ceil(n / bs))
@@ -142,10 +231,11 @@ def _fit_ddpm(run: Run, stage: Stage, unet, scheduler, ema, loss_fn: Callable) -
         unet.train()
         order, total = torch.randperm(n), 0.0
         for i in range(0, n, bs):
-            x0 = data[order[i:i + bs]].to(device)
+            idx = order[i:i + bs]
+            x0 = data[idx].to(device)
             if cfg.flip:
-                flip = (torch.rand(x0.shape[0]) < 0.5).to(device)
-                x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+                flip = (torch.rand(x0.shape[0]) < 0.5).to(device)[:, None, None, None]
+                x0 = torch.where(flip, x0.flip(-1) if mirrored is None else mirrored[idx].to(device), x0)
             with autocast(device, cfg.amp):
                 loss = loss_fn(unet, scheduler, x0)
             optimizer_step(loss, opt, scaler, sched, unet.parameters(), cfg.max_grad_norm)
@@ -164,7 +254,7 @@ def train_diffusion(run: Run, force: bool = False, loss_fn: Optional[Callable] =
     ``loss_fn(unet, scheduler, x0) -> loss`` (default :func:`tskd_utils.losses.diffusion_loss`; notebook 03
     writes it out). Returns a summary, also written to ``<run>/synthetic/train.json``.
     """
-    from diffusers import DDPMPipeline
+    from diffusers import DDPMPipeline, LDMPipeline
     from diffusers.training_utils import EMAModel
 
     cfg, out = run.profile.diffusion, run.synthetic_dir
@@ -181,19 +271,25 @@ def train_diffusion(run: Run, force: bool = False, loss_fn: Optional[Callable] =
     t0 = time.perf_counter()
     with seeded(run.seed_for("ddpm", "init")):
         unet = build_unet(cfg).to(run.device)
-    scheduler = build_scheduler(cfg)
+    scheduler, data, mirrored, vae = build_scheduler(cfg), training_images(run), None, None
+    if cfg.latent:  # the UNet learns the autoencoder's latents of the images and of their mirror images
+        vae = train_vae(run, data)
+        data, mirrored = encoded(vae, data, run.device), encoded(vae, data.flip(-1), run.device)
     ema = EMAModel(unet.parameters(), decay=cfg.ema_decay)
-    history = _fit_ddpm(run, stage, unet, scheduler, ema, loss_fn)
+    history = _fit_ddpm(run, stage, unet, scheduler, ema, loss_fn, data, mirrored)
     ema_unet = build_unet(cfg)
     ema.copy_to(ema_unet.parameters())
     tmp = out / f".{PIPELINE_DIR}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    DDPMPipeline(unet=ema_unet.eval(), scheduler=scheduler).save_pretrained(str(tmp))
+    with _quiet_diffusers():
+        pipe = DDPMPipeline(unet=ema_unet.eval(), scheduler=scheduler) if vae is None else \
+            LDMPipeline(vqvae=vae.to("cpu").eval(), unet=ema_unet.eval(), scheduler=scheduler)
+    pipe.save_pretrained(str(tmp))
     shutil.rmtree(out / PIPELINE_DIR, ignore_errors=True)
     tmp.rename(out / PIPELINE_DIR)
     done = read_json(stage.done_path)
-    summary = {"n_train_images": len(run.splits["train"]), "sample_size": cfg.sample_size, "epochs": cfg.epochs,
-               "batch_size": cfg.batch_size, "steps": cfg.epochs * math.ceil(len(run.splits["train"]) / cfg.batch_size),
+    summary = {"n_train_images": len(data), "sample_size": cfg.sample_size, "latent": cfg.latent, "epochs": cfg.epochs,
+               "batch_size": cfg.batch_size, "steps": cfg.epochs * math.ceil(len(data) / cfg.batch_size),
                "parameters": count_parameters(unet), "device": run.device, "train_seconds": done.get("seconds"),
                "wall_seconds": round(time.perf_counter() - t0, 2), "history": history,
                "final_loss": history[-1]["loss"] if history else None, "pipeline": str(out / PIPELINE_DIR)}
@@ -202,16 +298,28 @@ def train_diffusion(run: Run, force: bool = False, loss_fn: Optional[Callable] =
 
 
 def load_pipeline(run: Run):
-    """The saved ``DDPMPipeline`` (EMA UNet + training scheduler), loaded offline from the run folder."""
-    from diffusers import DDPMPipeline
+    """The saved pipeline (EMA UNet + training scheduler; ``LDMPipeline`` with its autoencoder as ``vqvae`` for
+    latent diffusion), loaded offline from the run folder."""
+    from diffusers import DiffusionPipeline
 
     path = run.synthetic_dir / PIPELINE_DIR
     if not (path / "model_index.json").is_file():
         raise FileNotFoundError(f"no diffusion pipeline in {path}: run tskd_utils.generation.train_diffusion "
                                 f"(notebook 03) first")
-    pipe = DDPMPipeline.from_pretrained(str(path), local_files_only=True)
+    with _quiet_diffusers():
+        pipe = DiffusionPipeline.from_pretrained(str(path), local_files_only=True)
     pipe.unet.eval()
     return pipe
+
+
+def to_pixels(pipe, x: torch.Tensor) -> np.ndarray:
+    """A sample (or an intermediate x_t) of ``pipe`` as (B, S, S) images in [0, 1]: decoded by the autoencoder
+    in latent diffusion, else mapped from [-1, 1]."""
+    vae = getattr(pipe, "vqvae", None)
+    if vae is not None:
+        with torch.inference_mode():
+            x = vae.decode(x.to(vae.device) / vae.config.scaling_factor).sample
+    return ((x.float().clamp(-1, 1) + 1) / 2)[:, 0].cpu().numpy()
 
 
 # =================================================================================== sampling
@@ -227,23 +335,32 @@ def generators(seed: int, indices: Sequence[int]) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(image_seed(seed, i)) for i in indices]
 
 
-def initial_noise(seed: int, indices: Sequence[int], size: int) -> torch.Tensor:
-    """x_T of the given images, (B, 1, S, S), as the pipelines draw it from :func:`generators`."""
-    return torch.cat([torch.randn((1, 1, size, size), generator=g) for g in generators(seed, indices)])
+def initial_noise(seed: int, indices: Sequence[int], size: int, channels: int = 1) -> torch.Tensor:
+    """x_T of the given images, (B, C, S, S), as the pipelines draw it from :func:`generators`."""
+    return torch.cat([torch.randn((1, channels, size, size), generator=g) for g in generators(seed, indices)])
 
 
 @torch.inference_mode()
 def sample(unet, scheduler_config, sampler: str, steps: int, seed: int, indices: Sequence[int],
-           device: str = "cpu") -> np.ndarray:
-    """Images ``indices`` in one batch through diffusers' pipeline: float32 (B, S, S) in [0, 1]."""
-    from diffusers import DDIMPipeline, DDPMPipeline
+           device: str = "cpu", vae=None) -> np.ndarray:
+    """Images ``indices`` in one batch through diffusers' pipeline (``LDMPipeline`` when an autoencoder
+    ``vae`` is given): float32 (B, S, S) in [0, 1]."""
+    from diffusers import DDIMPipeline, DDPMPipeline, LDMPipeline
 
     sched = sampling_scheduler(sampler, scheduler_config)
+    kwargs = {"eta": 0.0} if sampler == "ddim" else {}
+    gens = generators(seed, indices)
+    if vae is not None:
+        with _quiet_diffusers():
+            pipe = LDMPipeline(vqvae=vae, unet=unet, scheduler=sched).to(device)
+        pipe.set_progress_bar_config(disable=True)
+        images = pipe(batch_size=len(indices), generator=gens, num_inference_steps=steps, output_type="np",
+                      **kwargs).images
+        return np.ascontiguousarray(images[..., 0], dtype=np.float32)
     pipe = (DDIMPipeline if sampler == "ddim" else DDPMPipeline)(unet=unet, scheduler=sched).to(device)
     pipe.set_progress_bar_config(disable=True)
-    kwargs = {"eta": 0.0} if sampler == "ddim" else {}
-    images = pipe(batch_size=len(indices), generator=generators(seed, indices), num_inference_steps=steps,
-                  output_type="pt", **kwargs).images
+    images = pipe(batch_size=len(indices), generator=gens, num_inference_steps=steps, output_type="pt",
+                  **kwargs).images
     return images[:, 0].float().cpu().numpy()
 
 
@@ -267,7 +384,8 @@ def sampling_settings(run: Run) -> dict:
             "sampling_steps": cfg.sampling_steps, "sample_batch_size": cfg.sample_batch_size,
             "sample_size": cfg.sample_size, "image_size": run.profile.data.image_size,
             "interpolation": "bicubic (cv2.INTER_CUBIC), clipped, rounded",
-            "model_sha256": sha256sum(run.synthetic_dir / PIPELINE_DIR / "unet" / "diffusion_pytorch_model.safetensors")}
+            "model_sha256": value_digest([sha256sum(p) for p in sorted((run.synthetic_dir / PIPELINE_DIR).glob(
+                "*/diffusion_pytorch_model.safetensors"))])}
 
 
 def _sample_missing(run: Run, paths: list[Path], batches: list[list[int]]) -> None:
@@ -280,7 +398,7 @@ def _sample_missing(run: Run, paths: list[Path], batches: list[list[int]]) -> No
                unit="img", dynamic_ncols=True)
     for b in batches:
         for i, im in zip(b, sample(unet, pipe.scheduler.config, cfg.sampler, cfg.sampling_steps, run.seed, b,
-                                   run.device)):
+                                   run.device, getattr(pipe, "vqvae", None))):
             if paths[i].is_file():  # the batch is sampled whole (same images); only missing files are written
                 continue
             tmp = paths[i].with_name(f".{paths[i].name}.tmp")

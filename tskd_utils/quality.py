@@ -8,7 +8,7 @@
   scores) and ``fd_real_vs_resized_real`` (k real images vs k *other* train images sent through the
   DDPM's resolution: a generator perfect except for its resolution). Mean and std over ``draws``
   random draws of the real sets.
-* **Memorisation**: each synthetic image's distance to its nearest train image, in embedding space
+* **Memorisation**: each synthetic image's distance to its nearest training image of the generator, in embedding space
   and in pixel space (RMS of [0, 1] images at the DDPM's sample size, the nearer of the train image
   and its mirror, since training used flips), next to the same distance for held-out real images
   (the val split: other subjects). Synthetic images much closer than that are copies.
@@ -27,7 +27,7 @@ import torch
 
 from .data import letterbox
 from .features import pooled_embeddings
-from .generation import sampling_settings, synthetic_paths, to_sample_size, to_uint8, train_paths, training_images
+from .generation import sampling_settings, synthetic_paths, to_sample_size, to_uint8, training_images
 from .io import read_image, read_json, write_json
 from .run import Run
 
@@ -124,7 +124,9 @@ def _memo(syn_d: np.ndarray, val_d: np.ndarray) -> dict:
 
 def _memorisation(run: Run, e: dict) -> dict:
     size, s = run.profile.data.image_size, run.profile.diffusion.sample_size
-    syn_paths, train_names = synthetic_paths(run), list(run.splits["train"])
+    syn_paths, train_names = synthetic_paths(run), run.real_transfer_cases()  # what the generator learned from
+    position = {c: i for i, c in enumerate(run.splits["train"])}
+    emb_seen = e["train"][[position[c] for c in train_names]]
     train01 = (training_images(run)[:, 0] + 1) / 2
     pix_train, pix_flip = train01.flatten(1).numpy(), train01.flip(-1).flatten(1).numpy()
     pix_syn = np.stack([to_sample_size(read_image(p), s) for p in syn_paths]).reshape(len(syn_paths), -1) / 255.0
@@ -137,8 +139,8 @@ def _memorisation(run: Run, e: dict) -> dict:
         d2, i2 = nearest(q, pix_flip)
         return np.minimum(d1, d2) * rms, np.where(d2 < d1, i2, i1), d2 < d1
 
-    syn_emb_d, syn_emb_i = nearest(e["synthetic"], e["train"])
-    val_emb_d = nearest(e["val"], e["train"])[0] if len(e["val"]) else np.zeros(0)
+    syn_emb_d, syn_emb_i = nearest(e["synthetic"], emb_seen)
+    val_emb_d = nearest(e["val"], emb_seen)[0] if len(e["val"]) else np.zeros(0)
     syn_pix_d, syn_pix_i, syn_pix_flip = pixel_nn(pix_syn)
     val_pix_d = pixel_nn(pix_val)[0] if len(pix_val) else np.zeros(0)
     rows = [{"synthetic": p.name, "train_pixels": train_names[int(i)], "mirrored": bool(f), "pixel_distance": float(d),

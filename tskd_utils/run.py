@@ -2,8 +2,8 @@
 
 Notebooks pass work to each other only through it::
 
-    runs/<run_name>/config.json  splits.json  teacher/  synthetic/  cache/  students/<method>/
-                    metrics/  figures/
+    runs/<run_name>/config.json  splits.json  environment.json  teacher/  synthetic/  cache/
+                    students/<method>/  metrics/  figures/
 
 Every notebook starts with :func:`setup_run`, which creates the folder (or checks that an existing
 one was made with the same settings), prepares the phantom if it is the dataset and is missing,
@@ -22,6 +22,7 @@ from . import __version__
 from .config import Profile, get_profile, profile_to_dict, resolve_device
 from .data import make_splits
 from .datasets import ensure_dataset
+from .environment import record as record_environment
 from .io import DataError, DatasetInfo, load_dataset, read_json, write_json
 from .training import derive_seed, value_digest
 
@@ -111,6 +112,24 @@ class Run:
         """A digest of the split's case lists ``parts`` (e.g. "labeled", "val")."""
         return value_digest({p: self.splits[p] for p in parts})
 
+    def unlabeled_subset(self) -> list[str]:
+        """``distill.n_unlabeled`` unlabeled train cases (all when None), a seeded draw: for one seed a smaller
+        subset is part of a larger one."""
+        import numpy as np
+
+        pool, n = list(self.splits["unlabeled"]), self.profile.distill.n_unlabeled
+        if n is None or n >= len(pool):
+            return pool
+        if n < 0:
+            raise DataError(f"distill.n_unlabeled must be >= 0 or None (all), got {n}")
+        order = np.random.default_rng(self.seed_for("transfer set")).permutation(len(pool))
+        return sorted(pool[i] for i in order[:n])
+
+    def real_transfer_cases(self) -> list[str]:
+        """The real images of the transfer set: the labeled cases and the chosen unlabeled ones. They are
+        also all the images the diffusion model learns from (no image the run does not use)."""
+        return sorted(self.splits["labeled"] + self.unlabeled_subset())
+
     def seed_for(self, *labels: str) -> int:
         """The seed of one stage / method / module of this run (see :func:`tskd_utils.training.derive_seed`)."""
         return derive_seed(self.seed, *labels)
@@ -174,6 +193,7 @@ def setup_run(run_dir, profile: str = "demo", dataset: str = "phantom", data_roo
     run_dir.mkdir(parents=True, exist_ok=True)
     if not cfg_path.is_file():
         write_json(cfg_path, wanted)
+    record_environment(run_dir)  # environment.json: versions, platform, device of this session (and earlier ones)
     _ensure_split(run)
     return run
 
