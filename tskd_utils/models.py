@@ -210,12 +210,17 @@ class SamViTEncoder(TeacherEncoder):
         return x
 
     def suffix(self, h: torch.Tensor) -> torch.Tensor:
+        """The blocks from ``suffix_start`` on, then the neck. With timm's ``set_grad_checkpointing(True)``
+        and gradients enabled, every block is checkpointed (its activations are recomputed in the backward
+        pass instead of kept). Non-reentrant checkpointing: the input usually comes from frozen layers and
+        does not require grad, yet the adapters inside the blocks still get their gradients."""
         vit = self.vit
         blocks = vit.blocks[self.suffix_start:]
-        if vit.grad_checkpointing and self.training and h.requires_grad:
-            from timm.models._manipulate import checkpoint_seq
+        if vit.grad_checkpointing and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
 
-            h = checkpoint_seq(blocks, h)
+            for blk in blocks:
+                h = checkpoint(blk, h, use_reentrant=False)
         else:
             for blk in blocks:
                 h = blk(h)
