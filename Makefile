@@ -12,11 +12,12 @@ RUNS ?= runs/$(DATASET)-$(PROFILE)
 METHODS ?= all
 EXECUTOR ?= local
 
-.PHONY: install demo test test-fast reproduce lab clean-runs help
+.PHONY: install demo test test-fast test-notebooks reproduce lab clean-runs help
 
 help:
 	@echo "make demo        run the whole pipeline on the embedded phantom (CPU, offline; ~20 min on 2 cores)"
-	@echo "make test        install if needed and run the test suite (offline, CPU)"
+	@echo "make test        install if needed and run the test suite (offline, CPU), the nbval notebook runs included"
+	@echo "make test-notebooks  only the notebooks, as a reader runs them (nbval, smoke profile from TSKD_* variables)"
 	@echo "make reproduce   PROFILE=demo DATASET=hc18 N_LABELED=10,20,50 SEEDS=0,1,2 [DATA_ROOT=data] [EXECUTOR=ray]"
 	@echo "make lab         start JupyterLab on notebooks/"
 
@@ -34,6 +35,11 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
+
+# nbval, smoke profile through TSKD_PROFILE/TSKD_DATA_ROOT/TSKD_RUN_DIR only, temporary folders, CPU: all five
+# notebooks in order, then 04 and 05 each alone on an empty run folder (tests/test_notebooks_alone.py; make test runs it too)
+test-notebooks: $(STAMP)
+	$(PY) -m pytest -q tests/test_notebooks_alone.py
 
 demo: $(STAMP)
 	$(PY) -m tskd_utils.reproduce --profile demo --dataset phantom --data-root $(DATA_ROOT) \

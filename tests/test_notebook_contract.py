@@ -76,3 +76,60 @@ def test_the_method_core_is_readable_code_in_the_notebook(name):
     assert len(core) == 1, "one cell tagged 'core' shows the stage's method"
     assert 10 <= len(_code_lines(core[0])) <= 20
     assert "def " in "".join(core[0]["source"])  # a function the stage is given, not a call
+
+
+# ----------------------------------------------------------- badges, setup, environment, stages (issue 14)
+
+
+def test_badges_and_setup_cells_come_from_the_one_place():
+    """REPO_URL and RELEASE (tskd_utils.environment) make every badge and setup cell; the release is the version."""
+    from tskd_utils import __version__, environment
+
+    assert environment.RELEASE == f"v{__version__}"
+    assert re.search(rf'^version = "{re.escape(__version__)}"$', (REPO / "pyproject.toml").read_text(), re.M)
+    assert environment.NOTEBOOKS == tuple(NOTEBOOKS)
+    for name in NOTEBOOKS:
+        cells = _load(name)["cells"]
+        first, setup = "".join(cells[0]["source"]), "".join(cells[1]["source"])
+        assert environment.badge_line(name) in first.splitlines(), f"{name}: badges differ from REPO_URL @ RELEASE"
+        assert f"/blob/{environment.RELEASE}/notebooks/{name}.ipynb" in environment.badge_line(name)
+        assert setup == environment.setup_cell_source(), f"{name}: the setup cell differs (make it with --sync)"
+    readme = (REPO / "README.md").read_text().splitlines()
+    assert all(badge in readme for badge in environment.readme_badges())
+    assert environment.sync_notebooks(check=True) == []  # `python -m tskd_utils.environment --sync` is a no-op
+
+
+def test_setup_cell_fails_fast_and_says_how_to_point_elsewhere():
+    from tskd_utils import environment
+
+    setup = environment.setup_cell_source()
+    assert '"GIT_TERMINAL_PROMPT": "0"' in setup and "stdin=subprocess.DEVNULL" in setup and "check=True" in setup
+    assert f'"{environment.REPO_URL}.git"' in setup and f'"TSKD_REF", "{environment.RELEASE}"' in setup
+    assert "TSKD_REPO_URL" in setup.split("except", 1)[1] and "TSKD_REF" in setup.split("except", 1)[1]
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_defaults_come_from_the_environment_and_a_config_cell_prints_it(name):
+    nb = _load(name)
+    assert (nb["nbformat"], nb["nbformat_minor"]) == (4, 5)
+    ids = [c["id"] for c in nb["cells"]]
+    assert len(set(ids)) == len(ids)
+    cells = nb["cells"]
+    i = next(k for k, c in enumerate(cells) if "parameters" in c.get("metadata", {}).get("tags", []))
+    params = "".join(cells[i]["source"])
+    for line in ('env_default("profile", environment.default_profile())',
+                 'env_default("data_root", environment.default_data_root(drive))',
+                 'env_default("run_dir", environment.default_run_dir(profile, drive))', 'env_default("drive", False)'):
+        assert line in params, f"{name}: parameters cell lacks {line}"
+    assert "environment.print_config(profile, run_dir)" in "".join(cells[i + 1]["source"])
+
+
+@pytest.mark.parametrize("name, needs", [("04_distillation", ("ensure_teacher(run)", "ensure_synthetic(run)")),
+                                         ("05_evaluation", ("ensure_teacher(", "ensure_students("))])
+def test_notebooks_compute_missing_earlier_stages_before_using_them(name, needs):
+    """Notebooks 04 and 05 run alone: the stages they read are ensured before the first cell that reads them."""
+    sources = ["".join(c["source"]) for c in _load(name)["cells"] if c["cell_type"] == "code"]
+    ensure = next(k for k, s in enumerate(sources) if "stages.ensure_" in s)
+    assert all(n in sources[ensure] for n in needs)
+    first_use = next(k for k, s in enumerate(sources) if "teacher_targets(" in s or "evaluate_run(" in s)
+    assert ensure < first_use

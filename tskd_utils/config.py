@@ -1,7 +1,8 @@
 """Profiles and run configuration: every size, epoch count and learning rate lives here.
 
 A *profile* says how big a run is (see method.md, "Profiles"): ``smoke`` for tests, ``demo`` for
-a 2-core CPU, ``colab`` for one free GPU and ``paper`` for a large GPU.  Notebooks never hard-code
+the embedded phantom on a 2-core CPU in minutes, ``cpu`` for real data on a laptop CPU (quality first,
+under an hour per run), ``colab`` for one free GPU and ``paper`` for a large GPU.  Notebooks never hard-code
 these numbers; they name a profile and may override single values with dotted keys::
 
     profile = get_profile("demo", {"teacher.epochs": 5, "diffusion.n_synthetic": 0})
@@ -61,7 +62,7 @@ class TeacherConfig:
 @dataclass
 class DiffusionConfig:
     n_synthetic: int = 40  # 0 skips the stage
-    sample_size: int = 64  # the DDPM's resolution; samples are resized to data.image_size
+    sample_size: int = 64  # the images' resolution (pixel space); samples are resized to data.image_size
     block_out_channels: tuple = (32, 64, 64)
     layers_per_block: int = 1
     attention: bool = False  # self-attention at the lowest resolution
@@ -76,6 +77,12 @@ class DiffusionConfig:
     flip: bool = True  # random horizontal flips of the training images
     warmup_steps: int = 50
     ema_decay: float = 0.995
+    latent: bool = False  # latent diffusion: a small AutoencoderKL on the same images, the UNet in its latent space
+    vae_block_out_channels: tuple = (32, 64, 64)  # the autoencoder; len - 1 halvings (3 levels: 4x smaller latents)
+    latent_channels: int = 4
+    vae_epochs: int = 30
+    vae_lr: float = 1e-3
+    vae_kl_weight: float = 1e-6
     sampler: str = "ddim"  # ddim | dpm
     sampling_steps: int = 25
     sample_batch_size: int = 16
@@ -173,23 +180,45 @@ def _demo() -> Profile:
         description="a laptop or 2-core CPU, no GPU, no network: LiteMedSAM teacher, small student, 128 px",
         default_n_labeled=20,
         device="auto",
-        data=DataConfig(image_size=128, max_train=220, max_val=40, max_test=100, phantom_cases=144),
+        data=DataConfig(image_size=128, phantom_cases=180),
         teacher=TeacherConfig(
             name="litemedsam", input_size=256, lora_rank=8, lora_alpha=16,
-            lora_targets=("qkv", "proj", "fc1", "fc2"), lora_stages=(3,), cache_prefix=True,
-            augment=False, cached_augmentations=3, head_epochs=40, epochs=6, batch_size=2, lr=3e-3,
+            lora_targets=("qkv", "proj", "fc1", "fc2"), lora_stages=(3,), cache_prefix=True, prefix_dtype="bfloat16",
+            augment=False, cached_augmentations=2, head_epochs=30, epochs=5, batch_size=4, lr=3e-3,
             warmup_epochs=1,
         ),
-        # ~840 steps at 48 px fit the 2-core budget (about 2-3 min); v-prediction with the cosine schedule gets
-        # the dark background and head-like shapes in that budget where epsilon-prediction gave grey noise
-        # (benchmarks/bench_diffusion.py, docs/benchmarks_diffusion.md)
+        # v-prediction with the cosine schedule gets the dark background and the organ's layout in a few hundred
+        # steps at 48 px where epsilon-prediction gave grey noise (benchmarks/bench_diffusion.py)
         diffusion=DiffusionConfig(
             n_synthetic=40, sample_size=48, block_out_channels=(16, 32, 64, 64), attention=True,
-            beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction", epochs=60, batch_size=16, lr=1e-3,
+            beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction", epochs=40, batch_size=16, lr=1e-3,
         ),
         student=StudentConfig(name="vit_mini", decoder_channels=64),
-        distill=DistillConfig(epochs=10, batch_size=8, lr=1e-3),
-        finetune=FinetuneConfig(epochs=15, steps_per_epoch=10, batch_size=8, lr=1e-3, warmup_epochs=1),
+        distill=DistillConfig(epochs=10, batch_size=16, lr=1e-3),
+        finetune=FinetuneConfig(epochs=12, steps_per_epoch=8, batch_size=8, lr=1e-3, warmup_epochs=1),
+    )
+
+
+def _cpu() -> Profile:
+    return Profile(
+        name="cpu",
+        description="real data on a laptop CPU, quality first: LiteMedSAM teacher, the paper's ViT-Tiny student, 256 px",
+        default_n_labeled=20,
+        device="auto",
+        data=DataConfig(image_size=256, max_train=220, max_val=40, max_test=100, phantom_cases=300),
+        teacher=TeacherConfig(
+            name="litemedsam", input_size=256, lora_rank=8, lora_alpha=16,
+            lora_targets=("qkv", "proj", "fc1", "fc2"), lora_stages=(3,), cache_prefix=True, prefix_dtype="bfloat16",
+            augment=False, cached_augmentations=3, head_epochs=40, epochs=8, batch_size=4, lr=1e-3, warmup_epochs=1,
+        ),
+        diffusion=DiffusionConfig(
+            n_synthetic=200, latent=True, sample_size=128, vae_block_out_channels=(32, 64, 64), latent_channels=4,
+            vae_epochs=30, block_out_channels=(32, 64, 128), attention=True, beta_schedule="squaredcos_cap_v2",
+            prediction_type="v_prediction", epochs=150, batch_size=16, lr=1e-3, warmup_steps=100,
+        ),
+        student=StudentConfig(name="vit_tiny", decoder_channels=64),
+        distill=DistillConfig(epochs=20, batch_size=16, lr=5e-4, warmup_epochs=2),
+        finetune=FinetuneConfig(epochs=30, steps_per_epoch=10, batch_size=8, lr=3e-4, warmup_epochs=2),
     )
 
 
@@ -239,7 +268,7 @@ def _paper() -> Profile:
     )
 
 
-PROFILES = {"smoke": _smoke, "demo": _demo, "colab": _colab, "paper": _paper}
+PROFILES = {"smoke": _smoke, "demo": _demo, "cpu": _cpu, "colab": _colab, "paper": _paper}
 
 
 def _coerce(value: Any, current: Any, key: str) -> Any:
@@ -342,16 +371,28 @@ def resolve_device(profile: Profile) -> str:
 
 
 def env_default(name: str, default: Any) -> Any:
-    """Read ``TSKD_<NAME>`` from the environment, typed like ``default`` (for notebooks' parameters)."""
-    raw = os.environ.get(ENV_PREFIX + name.upper())
-    if raw is None or raw == "":
+    """Read ``TSKD_<NAME>`` from the environment, typed like ``default`` (for notebooks' parameters).
+
+    The notebooks' defaults (profile, data root, run folder) come from :mod:`tskd_utils.environment`
+    (Colab, Kaggle or local; GPU or not); a ``TSKD_<NAME>`` the user set always wins. A value that does
+    not fit the type of the default is an error naming the variable.
+    """
+    var = ENV_PREFIX + name.upper()
+    raw = os.environ.get(var)
+    if raw is None or raw.strip() == "":
         return default
     if isinstance(default, bool):
-        return raw.strip().lower() in {"1", "true", "yes"}
-    if isinstance(default, int):
-        return int(raw)
-    if isinstance(default, float):
-        return float(raw)
+        low = raw.strip().lower()
+        if low not in {"1", "true", "yes", "on", "0", "false", "no", "off"}:
+            raise ValueError(f"{var}={raw!r}: expected true or false (1/0, yes/no, on/off)")
+        return low in {"1", "true", "yes", "on"}
+    try:
+        if isinstance(default, int):
+            return int(raw)
+        if isinstance(default, float):
+            return float(raw)
+    except ValueError:
+        raise ValueError(f"{var}={raw!r}: expected {'an integer' if isinstance(default, int) else 'a number'}") from None
     if isinstance(default, (list, tuple)):
         return [s.strip() for s in raw.split(",") if s.strip()]
     return raw

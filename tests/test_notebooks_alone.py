@@ -1,0 +1,89 @@
+"""The notebooks the way a reader runs them: nbval ("Run all"), the smoke profile chosen through the
+environment only (``TSKD_PROFILE``, ``TSKD_DATA_ROOT``, ``TSKD_RUN_DIR``: no injected parameters), on CPU,
+in temporary data and run folders. ``make test-notebooks`` runs this file.
+
+* all five notebooks in order on one run folder;
+* notebooks 04 and 05 each alone on an empty run folder and an empty data root (a fresh Colab/Kaggle VM):
+  they compute the missing teacher, synthetic images and students themselves (tskd_utils.stages).
+
+nbval executes each notebook in a kernel of this Python (``--nbval-current-env``) and never writes the
+notebook back; the test checks that the files are unchanged (outputs stay stripped). A notebook that cannot
+run here would be listed in ``NOT_IN_CI`` with its reason (README, "Contributing"); none is today.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO
+from tskd_utils.config import get_profile
+from tskd_utils.environment import NOTEBOOKS
+from tskd_utils.run import Run
+
+pytestmark = [pytest.mark.slow, pytest.mark.notebooks]
+NOT_IN_CI: dict = {}  # notebook -> why it cannot run in CI (none: every notebook runs in the smoke profile)
+ALONE = ("04_distillation", "05_evaluation")
+
+
+def _digests() -> dict:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((REPO / "notebooks").glob("*.ipynb"))}
+
+
+def nbval(notebooks, data_root, run_dir, timeout: int = 900) -> float:
+    """Run ``pytest --nbval-lax`` on the notebooks (in order) as a reader would; returns the seconds it took."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TSKD_")}  # only what is set here
+    env.update(TSKD_PROFILE="smoke", TSKD_DATA_ROOT=str(data_root), TSKD_RUN_DIR=str(run_dir), TSKD_PLATFORM="local",
+               CUDA_VISIBLE_DEVICES="", PYTHONDONTWRITEBYTECODE="1")
+    paths = [str(REPO / "notebooks" / f"{n}.ipynb") for n in notebooks if n not in NOT_IN_CI]
+    before, t0 = _digests(), time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbval-lax",
+                           "--nbval-current-env", "--nbval-cell-timeout", "600", *paths],
+                          cwd=REPO / "notebooks", env=env, capture_output=True, text=True, timeout=timeout)
+    seconds = time.perf_counter() - t0
+    assert done.returncode == 0, f"nbval failed on {notebooks}:\n{done.stdout[-6000:]}\n{done.stderr[-2000:]}"
+    assert _digests() == before, "nbval changed a notebook file (outputs must stay stripped)"
+    print(f"nbval {', '.join(notebooks)}: {seconds:.0f} s")
+    return seconds
+
+
+def test_all_notebooks_in_order_with_environment_defaults(tmp_path):
+    run_dir = tmp_path / "runs" / "in-order"
+    nbval(NOTEBOOKS, tmp_path / "data", run_dir)
+    assert (run_dir / "results.csv").is_file() and (run_dir / "environment.json").is_file()
+    rows = (run_dir / "results.csv").read_text().splitlines()
+    assert len(rows) == 1 + 7 and all(",smoke" in r for r in rows[1:])  # teacher + six students, smoke profile
+
+
+@pytest.mark.parametrize("notebook", ALONE)
+def test_notebook_runs_alone_on_an_empty_run_folder(tmp_path, notebook):
+    run_dir = tmp_path / "runs" / notebook
+    nbval([notebook], tmp_path / "data", run_dir)
+    assert (run_dir / "teacher" / "metrics.json").is_file()
+    assert (run_dir / "synthetic" / "synthetic.json").is_file()
+    assert all((run_dir / "students" / m / "student.safetensors").is_file()
+               for m in ("scratch", "ta_kd", "ts_kd", "ts_kd_nosyn", "mae", "mocov3"))
+    if notebook == "05_evaluation":
+        assert (run_dir / "metrics" / "summary.json").is_file()
+
+
+# ------------------------------------------------------------------------------ the stages, directly
+
+
+def test_ensure_computes_only_what_is_missing_and_says_how_long(smoke_run, capsys):
+    from tskd_utils import stages
+
+    assert stages.ensure_students(smoke_run, ["scratch"]) == ["scratch"]  # needs neither teacher nor synthetic
+    out = capsys.readouterr().out
+    assert "no trained student for scratch" in out and "under a minute on 2 CPU cores in the smoke profile" in out
+    assert not stages.teacher_ready(smoke_run) and not stages.synthetic_ready(smoke_run)
+    assert stages.ensure_students(smoke_run, ["scratch"]) == [] and capsys.readouterr().out == ""  # present: nothing
+    assert set(stages.ESTIMATES) >= {"smoke", "demo", "colab"}
+    colab = Run(smoke_run.dir, get_profile("colab"), "toy", smoke_run.data_root, 6, 0)  # on this CPU machine
+    text = stages.estimate(colab, "students", 6)
+    assert "colab profile" in text and "not measured" in text and "no GPU" in text
