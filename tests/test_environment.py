@@ -189,7 +189,8 @@ def test_setup_cell_clones_the_release_installs_and_imports_on_a_fresh_vm(tmp_pa
     subprocess.run(["git", "clone", "-q", str(REPO), str(src)], check=True)
     subprocess.run(["git", "-C", str(src), "tag", "-f", environment.RELEASE], check=True, capture_output=True)
     python = _fresh_python(tmp_path)
-    assert subprocess.run([str(python), "-c", "import tskd_utils"], capture_output=True).returncode != 0
+    assert subprocess.run([str(python), "-c", "import tskd_utils"], cwd=tmp_path, env=_vm_env(tmp_path),
+                          capture_output=True).returncode != 0  # not importable: a fresh VM
     vm = tmp_path / "content"
     vm.mkdir()
     cell = _setup_cell() + CHECK
