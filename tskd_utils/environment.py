@@ -261,9 +261,10 @@ if importlib.util.find_spec("tskd_utils") is None:
             subprocess.run(["git", "clone", "--depth", "1", "--branch", ref, repo, "tskd"], check=True, text=True,
                            capture_output=True, stdin=subprocess.DEVNULL, env={{**os.environ, "GIT_TERMINAL_PROMPT": "0"}})
         except subprocess.CalledProcessError as e:
-            raise RuntimeError(f"could not clone {{repo}} at {{ref}}: {{e.stderr.strip()}}\\nTo install from elsewhere, "
-                               "set os.environ['TSKD_REPO_URL'] (a URL or a local path) and os.environ['TSKD_REF'] "
-                               "(a branch or tag) at the top of this cell and run it again") from None
+            raise RuntimeError(f"could not clone {{repo}} at {{ref}}: {{e.stderr.strip()}}\\nOn Kaggle, switch on "
+                               "Settings > Internet. To install from elsewhere, set os.environ['TSKD_REPO_URL'] (a URL "
+                               "or a local path) and os.environ['TSKD_REF'] (a branch or tag) at the top of this cell "
+                               "and run it again") from None
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", "tskd"], check=True)
     sys.path.insert(0, os.path.abspath("tskd"))'''
 
