@@ -6,7 +6,7 @@ Stand-in notebooks (tests/sweep_fakes.py) make each run take seconds:
 * a run folder is locked while a sweep executes it: a second sweep refuses that run, naming the holder;
 * kernel sockets live in a private temporary folder, never in notebooks/;
 * a finished run is skipped only when the files it claims are there and whole; a truncated or deleted file makes
-  the run re-execute from the notebook that owns it (the teacher's notebook forced), with the reason printed;
+  the run re-execute from the notebook that owns it, with the reason printed;
 * a requested method whose student file is missing after the run fails the run loudly;
 * a run folder made with other settings is not reused;
 * the report never averages two datasets together, and its paired comparisons equal tskd_utils.stats on the
@@ -170,12 +170,12 @@ def test_truncated_or_deleted_files_reexecute_from_their_notebook(tmp_path, fake
     assert reproduce.check_run(run, ["ts_kd", "scratch"]) == []
     assert len(list(student.parent.glob("student.safetensors.corrupt-*"))) == 1
 
-    # a deleted teacher file: notebook 02 again, forced (a finished teacher is otherwise reused as it is)
+    # a deleted teacher file: notebook 02 again (its finished stages write it again), and every notebook after it
     (run / "teacher" / "head.safetensors").unlink()
     code, log = _main(_args(fakes, out))
     assert code == 0, log
     assert "teacher/head.safetensors is missing: re-executing from 02_teacher_lora_finetuning" in log
-    assert fake_log(run)[7:] == ["02_teacher_lora_finetuning force=True", "03_diffusion_synthesis force=False",
+    assert fake_log(run)[7:] == ["02_teacher_lora_finetuning force=False", "03_diffusion_synthesis force=False",
                                  "04_distillation force=False", "05_evaluation force=False"]
 
     # a results table without a requested method's row: notebook 05 again

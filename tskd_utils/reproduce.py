@@ -52,7 +52,6 @@ from .io import DataError, read_json, write_json
 NOTEBOOKS = ("01_data_preparation", "02_teacher_lora_finetuning", "03_diffusion_synthesis", "04_distillation",
              "05_evaluation")
 WITH_METHODS = ("04_distillation", "05_evaluation")
-TEACHER_NOTEBOOK = "02_teacher_lora_finetuning"
 EXECUTORS = ("local", "ray", "slurm")
 LOCK_FILE = ".sweep.lock"  # filelock (flock) on this file while a sweep executes the run
 OWNER_FILE = ".sweep.lock.json"  # who holds it: host, pid, since, command
@@ -448,15 +447,14 @@ def _run_locked(spec: RunSpec, run_dir: Path) -> dict:
     status = read_status(run_dir)
     done = [nb for nb in NOTEBOOKS if status["notebooks"].get(nb, {}).get("state") == "done"]
     problems = check_run(run_dir, spec.methods, done)
-    force: set = set()
     if problems:
         first = NOTEBOOKS.index(problems[0].notebook)
         for p in problems:
             if p.corrupt and p.path.exists():
                 p.what += f" (kept as {_move_aside(p.path).name})"
             say(f"{spec.label}: {p.describe(run_dir)}: re-executing from {problems[0].notebook}")
-        if any(p.notebook == TEACHER_NOTEBOOK for p in problems):
-            force.add(TEACHER_NOTEBOOK)  # a finished teacher is reused as it is unless forced
+        # the owning notebook's finished stages write their missing outputs again from their final weights (a
+        # damaged file was moved aside, so it is missing); the check after the run fails it if one is still missing
         reason = "; ".join(p.describe(run_dir) for p in problems)
         for nb in NOTEBOOKS[first:]:
             if status["notebooks"].get(nb, {}).get("state") == "done":
@@ -467,7 +465,7 @@ def _run_locked(spec: RunSpec, run_dir: Path) -> dict:
         status["skipped"] = True
         return status
     status = execute_run(run_dir, spec.params, Path(spec.notebooks_dir), spec.methods, spec.label,
-                         spec.log_output, spec.announce, force=sorted(force), attempt=spec.attempt)
+                         spec.log_output, spec.announce, attempt=spec.attempt)
     if status.get("state") == "done":
         after = check_run(run_dir, spec.methods)
         if after:  # a notebook said done but its files are not there: the run failed, loudly
