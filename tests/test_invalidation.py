@@ -81,3 +81,18 @@ def test_a_changed_loss_in_a_notebook_retrains_its_stage(finished, tmp_path, toy
     distill.pretrain(run, "ts_kd", loss_fn=my_kd_loss)
     assert "inputs changed" in capsys.readouterr().out
     assert _changed(before, _stamps(run)) == {"ts_kd pretrain"}
+
+
+def test_a_later_notebook_naming_no_loss_reuses_what_a_notebook_loss_trained(finished, tmp_path, toy_root):
+    run, before = finished
+
+    def notebook_kd_loss(student, align, images, emb, logits, w_feat, w_out, temperature):
+        """The same objective, written out as notebook 04 writes it (another source text)."""
+        from tskd_utils.losses import kd_loss
+        return kd_loss(student, align, images, emb, logits, w_feat, w_out, temperature)
+
+    distill.pretrain(run, "ts_kd", loss_fn=notebook_kd_loss)
+    trained = _stamps(run)
+    assert _changed(before, trained) == {"ts_kd pretrain"}  # the notebook's loss is another source: retrained
+    distill.pretrain(run, "ts_kd")  # e.g. notebook 05 making sure the students exist: any finished one will do
+    assert _changed(trained, _stamps(run)) == set()

@@ -250,13 +250,14 @@ def pretrain(run: Run, method: str, force: bool = False, loss_fn: Optional[Calla
     if method == "scratch":
         return {"method": method, "pretrain_seconds": 0.0}
     d, student, t_start = run.profile.distill, new_student(run), time.perf_counter()
+    ignore = ("loss",) if loss_fn is None else ()  # no loss named: any finished pretraining will do
     loss_fn = loss_fn or kd_loss
     parts = _kd_parts(run, method, student, loss_fn) if method in KD_METHODS else _ssl_parts(run, method, student)
     images_u8, digest, extras, batch_loss, info = parts
     inputs = {**digest, **run.settings("distill", "student"), "image_size": run.profile.data.image_size,
               "seed": run.seed, **({"loss": source_digest(loss_fn)} if method in KD_METHODS else {})}
     stage = Stage(method_dir(run, method) / "pretrain", inputs, desc=f"{method}: pretraining on {len(images_u8)} "
-                  f"images", force=force)
+                  f"images", force=force, ignore=ignore)
     modules = {"student": student, **extras}
     images = torch.from_numpy(images_u8).float().div_(255.0)[:, None]
     validate = _kd_validation(run, student) if method in ("ts_kd", "ts_kd_nosyn") else None

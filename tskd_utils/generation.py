@@ -260,8 +260,9 @@ def train_diffusion(run: Run, force: bool = False, loss_fn: Optional[Callable] =
     cfg, out = run.profile.diffusion, run.synthetic_dir
     if cfg.n_synthetic <= 0:
         return _skipped(run)
+    ignore = ("loss",) if loss_fn is None else ()  # no loss named: any finished model will do
     loss_fn = loss_fn or diffusion_loss
-    stage = Stage(out / STAGE_DIR, _training_inputs(run, loss_fn), desc="DDPM", force=force)
+    stage = Stage(out / STAGE_DIR, _training_inputs(run, loss_fn), desc="DDPM", force=force, ignore=ignore)
     if stage.finished:
         if (out / PIPELINE_DIR / "model_index.json").is_file() and (out / "train.json").is_file():
             print(f"[DDPM] finished earlier with the same inputs: reusing {out / PIPELINE_DIR} (force=True retrains)")

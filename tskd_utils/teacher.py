@@ -310,6 +310,7 @@ def train_lora(run: Run, encoder: TeacherEncoder, frozen_head, data: Callable[[]
                loss_fn: Optional[Callable] = None, force: bool = False):
     """The LoRA teacher, starting from the frozen baseline's head: (peft model, model, history, trained now?)."""
     t = run.profile.teacher
+    ignore = tuple(k for k, given in (("loss", loss_fn), ("lora config", config)) if given is None)
     config = config or lora_config(run, encoder)
     loss_fn = loss_fn or lora_loss
     peft_model = add_lora(run, encoder, config)
@@ -319,7 +320,9 @@ def train_lora(run: Run, encoder: TeacherEncoder, frozen_head, data: Callable[[]
     inputs = {"split": run.split_digest("labeled", "val"), **run.settings("teacher"), "seed": run.seed,
               "frozen head": file_digest(run.teacher_dir / "frozen_head.safetensors"),
               "lora config": value_digest(config.to_dict()), "loss": source_digest(loss_fn)}
-    stage = Stage(run.teacher_dir / "lora", inputs, desc="teacher: LoRA encoder + head", force=force)
+    # a caller that names no loss / LoRA config (e.g. a later notebook making sure a teacher exists) takes any
+    # finished teacher; the notebook that defines them retrains when they change
+    stage = Stage(run.teacher_dir / "lora", inputs, desc="teacher: LoRA encoder + head", force=force, ignore=ignore)
     if stage.finished:
         return peft_model, model, stage.load_final({"lora": lora_state(peft_model), "head": model.head}), False
     if t.grad_checkpointing and run.device.startswith("cuda"):

@@ -27,7 +27,7 @@ import random
 import shutil
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -211,10 +211,11 @@ class Stage:
     """
 
     def __init__(self, directory: os.PathLike, inputs: Optional[dict] = None, desc: Optional[str] = None,
-                 force: bool = False):
+                 force: bool = False, ignore: Sequence[str] = ()):
         self.dir = Path(directory)
         self.desc = desc or self.dir.name
         self.inputs = json.loads(json.dumps(inputs or {}, sort_keys=True, default=str))
+        self.ignore = tuple(ignore)  # inputs a caller does not care about (e.g. "loss": any finished training will do)
         self.history: list[dict] = []
         self.best: Optional[float] = None
         self.start_epoch = 0
@@ -247,12 +248,13 @@ class Stage:
     def stale_reason(self) -> Optional[str]:
         if not self.inputs_path.is_file():
             return "no record of its inputs" if self.done_path.is_file() else None
-        recorded = read_json(self.inputs_path)
-        if recorded == self.inputs:
+        recorded = {k: v for k, v in read_json(self.inputs_path).items() if k not in self.ignore}
+        if recorded == {k: v for k, v in self.inputs.items() if k not in self.ignore}:
             if self.done_path.is_file() and not self.final_path.is_file():
                 return f"{self.final_path.name} is missing"
             return None
-        return ", ".join(_changes(recorded, self.inputs)) or "inputs differ"
+        return ", ".join(_changes(recorded, {k: v for k, v in self.inputs.items() if k not in self.ignore})) or \
+            "inputs differ"
 
     def reset(self) -> None:
         for p in (self.ckpt, self.dir / "checkpoint.tmp", self.dir / "checkpoint.old"):
