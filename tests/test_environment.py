@@ -19,7 +19,8 @@ import pytest
 from conftest import REPO
 from tskd_utils import __version__, config, environment
 
-CLEAN_ENV_KEYS = ("COLAB_RELEASE_TAG", "COLAB_GPU", "KAGGLE_KERNEL_RUN_TYPE", "KAGGLE_URL_BASE", environment.ENV_PLATFORM)
+CLEAN_ENV_KEYS = ("COLAB_RELEASE_TAG", "COLAB_GPU", "KAGGLE_KERNEL_RUN_TYPE", "KAGGLE_URL_BASE", "BINDER_LAUNCH_HOST",
+                  "BINDER_REPO_URL", environment.ENV_PLATFORM)
 
 
 @pytest.fixture
@@ -35,6 +36,8 @@ def local(monkeypatch):
 
 def test_platform_detection(local):
     assert environment.detect_platform() == "local"
+    local.setenv("BINDER_LAUNCH_HOST", "https://mybinder.org/")
+    assert environment.detect_platform() == "binder"
     local.setenv("KAGGLE_KERNEL_RUN_TYPE", "Interactive")
     assert environment.detect_platform() == "kaggle"
     local.setenv("COLAB_RELEASE_TAG", "release-colab_20250101")
@@ -51,6 +54,12 @@ def test_defaults_follow_platform_and_gpu(local, tmp_path):
     assert environment.default_profile() == "demo"
     local.setattr(environment, "gpu_info", lambda: {"name": "Tesla T4", "memory_gb": 14.7, "count": 1, "cuda": "12.4"})
     assert environment.default_profile() == "colab"
+    local.setenv("TSKD_PLATFORM", "binder")  # 2 GB: only the smoke profile's teacher fits
+    assert environment.default_profile() == "smoke"
+    assert "does not fit" in " ".join(environment.hints("demo", "runs/demo"))
+    (only,) = environment.hints("smoke", "runs/smoke")
+    assert "one notebook's kernel" in only and "does not fit" not in only
+    local.setenv("TSKD_PLATFORM", "local")
     # local: the checkout
     assert environment.default_run_dir("demo") == str(environment.REPO_ROOT / "runs" / "demo")
     assert environment.default_data_root() == str(environment.REPO_ROOT / "data")

