@@ -22,8 +22,9 @@ from tqdm.auto import tqdm
 from .run import Run, check_methods
 
 # Minutes a stage takes when computed by these functions, per profile, on the machine the profile is for:
-# smoke: 2 busy CPU cores (tests/test_notebooks_alone.py); demo: the README's `make demo` on 2 CPU cores
-# (phantom, n_labeled 20); colab: a rough guess for a T4 GPU, not measured yet. "students" is per method.
+# smoke: 2 busy CPU cores (tests/test_notebooks_alone.py); demo: notebooks 02, 03 and 04 of the README's
+# `make demo` on 2 CPU cores (phantom, n_labeled 20; update these when the demo profile is re-timed);
+# colab and paper: rough guesses, not measured yet (printed as such). "students" is per method.
 ESTIMATES = {
     "smoke": {"where": "on 2 CPU cores", "measured": True, "teacher": 0.2, "synthetic": 0.2, "students": 0.1},
     "demo": {"where": "on 2 CPU cores", "measured": True, "teacher": 5, "synthetic": 4, "students": 1.2},
