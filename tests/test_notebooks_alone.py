@@ -85,7 +85,7 @@ def test_ensure_computes_only_what_is_missing_and_says_how_long(smoke_run, capsy
 
     assert stages.ensure_students(smoke_run, ["scratch"]) == ["scratch"]  # needs neither teacher nor synthetic
     out = capsys.readouterr().out
-    assert "no trained student for scratch" in out and "under a minute on 2 CPU cores in the smoke profile" in out
+    assert "No trained student for scratch" in out and "under a minute on 2 CPU cores in the smoke profile" in out
     assert not stages.teacher_ready(smoke_run) and not stages.synthetic_ready(smoke_run)
     assert stages.ensure_students(smoke_run, ["scratch"]) == [] and capsys.readouterr().out == ""  # present: nothing
     assert set(stages.ESTIMATES) >= {"smoke", "demo", "colab"}

@@ -56,9 +56,9 @@ def estimate(run: Run, stage: str, count: int = 1) -> str:
     return text
 
 
-def _announce(run: Run, stage: str, what: str, how: str, count: int = 1) -> float:
-    print(f"{run.dir.name}: {what} -> computing it now ({how}), {estimate(run, stage, count)}. Notebook "
-          f"{STAGE_NOTEBOOK[stage]} shows this stage step by step.", flush=True)
+def _announce(run: Run, stage: str, what: str, count: int = 1) -> float:
+    print(f"{what}, {estimate(run, stage, count)}. Notebook {STAGE_NOTEBOOK[stage]} shows this stage step by step.",
+          flush=True)
     return time.perf_counter()
 
 
@@ -101,8 +101,8 @@ def ensure_teacher(run: Run) -> bool:
         return False
     from .teacher import train_teacher
 
-    t0 = _announce(run, "teacher", f"no trained teacher in {run.teacher_dir}",
-                   "tskd_utils.teacher.train_teacher with the profile's LoRA config and loss")
+    t0 = _announce(run, "teacher", f"No trained teacher in {run.teacher_dir}: training it now "
+                                   "(tskd_utils.teacher.train_teacher, the profile's LoRA config and loss)")
     train_teacher(run)
     _done("teacher", t0)
     return True
@@ -116,8 +116,8 @@ def ensure_synthetic(run: Run) -> bool:
     from .generation import generate
 
     n = run.profile.diffusion.n_synthetic
-    t0 = _announce(run, "synthetic", f"the {n} synthetic images are not (all) in {run.synthetic_dir}",
-                   "tskd_utils.generation.generate: train the DDPM, then sample")
+    t0 = _announce(run, "synthetic", f"The {n} synthetic images are not all in {run.synthetic_dir}: generating them now "
+                                     "(tskd_utils.generation.generate: the diffusion model is trained, then sampled)")
     generate(run)
     _done("synthetic images", t0)
     return True
@@ -136,8 +136,9 @@ def ensure_students(run: Run, methods: Optional[Sequence[str]] = None) -> list[s
         ensure_synthetic(run)
     from .distill import run_method
 
-    t0 = _announce(run, "students", f"no trained student for {', '.join(missing)} in {run.students_dir}",
-                   "tskd_utils.distill.run_method: pretraining, then fine-tuning", count=len(missing))
+    t0 = _announce(run, "students", f"No trained student for {', '.join(missing)} in {run.students_dir}: training "
+                                    f"{'it' if len(missing) == 1 else 'them'} now (tskd_utils.distill.run_method: "
+                                    "pretraining, then fine-tuning)", count=len(missing))
     for method in tqdm(missing, desc="students", unit="method", dynamic_ncols=True):
         run_method(run, method)
     _done("students", t0)
