@@ -18,9 +18,12 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
+import shutil
 import subprocess
 import sys
-import time
+import tempfile
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -128,13 +131,24 @@ def test_second_sweep_on_a_locked_run_refuses(tmp_path, fakes):
     assert not (run / ".sweep.lock.json").exists()
 
 
-def test_kernel_sockets_in_a_private_folder(tmp_path):
-    with reproduce._kernel_ipc_dir() as a, reproduce._kernel_ipc_dir() as b:
-        assert a != b and a.is_dir() and b.is_dir()
-        km = reproduce._kernel_manager_class(a)(kernel_name="python3")
-        assert km.transport == "ipc" and km.ip == str(a / "kernel")
-        assert len(km.ip) < 90  # room for "-<port>" within a Unix socket path
-    assert not a.exists() and not b.exists()
+def test_kernel_sockets_in_a_private_folder(monkeypatch):
+    base = Path(tempfile.mkdtemp(prefix="ipc-test-", dir="/tmp"))  # short: socket paths are limited to ~107 bytes
+    monkeypatch.setattr(reproduce.tempfile, "tempdir", str(base))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = base / f"{reproduce.IPC_PREFIX}{int(dead.stdout)}-abc"  # left by a killed sweep
+    stale.mkdir()
+    (stale / "kernel-1").write_text("")
+    try:
+        with reproduce._kernel_ipc_dir() as a, reproduce._kernel_ipc_dir() as b:
+            assert a != b and a.is_dir() and b.is_dir() and a.parent == base
+            assert a.name.startswith(f"{reproduce.IPC_PREFIX}{os.getpid()}-")
+            km = reproduce._kernel_manager_class(a)(kernel_name="python3")
+            assert km.transport == "ipc" and km.ip == str(a / "kernel")
+            assert len(km.ip) < 90  # room for "-<port>" within a Unix socket path
+            assert not stale.exists()
+        assert not a.exists() and not b.exists()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.mark.slow

@@ -330,6 +330,26 @@ def locked_by(run_dir: Path) -> Optional[str]:
 # ---- kernels
 
 
+IPC_PREFIX = "tskd-kernel-"
+
+
+def _remove_stale_ipc_dirs(base: str) -> None:
+    """Socket folders left by sweep processes that were killed (``tskd-kernel-<pid>-*`` of a pid that is gone)."""
+    for d in Path(base).glob(f"{IPC_PREFIX}*-*"):
+        try:
+            pid = int(d.name[len(IPC_PREFIX):].split("-")[0])
+        except ValueError:
+            continue
+        if pid == os.getpid():
+            continue
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except OSError:  # another user's live process
+            pass
+
+
 @contextmanager
 def _kernel_ipc_dir() -> Iterator[Optional[Path]]:
     """A private folder for this run's kernel sockets, removed afterwards (None where IPC is unavailable)."""
@@ -340,7 +360,8 @@ def _kernel_ipc_dir() -> Iterator[Optional[Path]]:
     if len(base) > 60:  # a Unix socket path has at most ~107 bytes
         base = "/tmp"
     try:
-        path = Path(tempfile.mkdtemp(prefix="tskd-kernel-", dir=base))
+        _remove_stale_ipc_dirs(base)
+        path = Path(tempfile.mkdtemp(prefix=f"{IPC_PREFIX}{os.getpid()}-", dir=base))
     except OSError:
         yield None
         return
