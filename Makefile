@@ -8,6 +8,7 @@ DATASET ?= phantom
 DATA_ROOT ?= data
 N_LABELED ?= 20
 SEEDS ?= 0
+SEED ?= 0
 RUNS ?= runs/$(DATASET)-$(PROFILE)
 METHODS ?= all
 EXECUTOR ?= local
@@ -15,7 +16,7 @@ EXECUTOR ?= local
 .PHONY: install demo test test-fast test-notebooks reproduce lab clean-runs help
 
 help:
-	@echo "make demo        run the whole pipeline on the embedded phantom (CPU, offline; ~20 min on 2 cores)"
+	@echo "make demo        [SEED=0] the whole pipeline on the embedded phantom (CPU, offline; see README for the time)"
 	@echo "make test        install if needed and run the test suite (offline, CPU), the nbval notebook runs included"
 	@echo "make test-notebooks  only the notebooks, as a reader runs them (nbval, smoke profile from TSKD_* variables)"
 	@echo "make reproduce   PROFILE=demo DATASET=hc18 N_LABELED=10,20,50 SEEDS=0,1,2 [DATA_ROOT=data] [EXECUTOR=ray]"
@@ -43,7 +44,7 @@ test-notebooks: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m tskd_utils.reproduce --profile demo --dataset phantom --data-root $(DATA_ROOT) \
-		--n-labeled 20 --seeds 0 --out runs/demo
+		--n-labeled 20 --seeds $(SEED) --out runs/demo
 
 reproduce: $(STAMP)
 	$(PY) -m tskd_utils.reproduce --profile $(PROFILE) --dataset $(DATASET) --data-root $(DATA_ROOT) \

@@ -62,7 +62,8 @@ def test_notebook_04_kd_loss_is_the_packages():
     from tskd_utils import distill, losses
     from tskd_utils.models import build_student
 
-    ns = _core("04_distillation", {"torch": torch, "F": torch.nn.functional})
+    ns = _core("04_distillation", {"torch": torch, "F": torch.nn.functional,
+                                    "segmentation_loss": losses.segmentation_loss})
     student = build_student("vit_micro", 32, 3, 16, seed=0)
     align = distill.FeatureAlign(student.embed_dim, 16)
     torch.manual_seed(0)

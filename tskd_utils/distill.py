@@ -192,6 +192,15 @@ class FeatureAlign(nn.Module):
         return self.proj(f)
 
 
+def standardized(emb: torch.Tensor) -> torch.Tensor:
+    """Teacher embeddings with each channel's mean 0 and standard deviation 1 over the transfer set: the
+    feature loss then weighs every channel alike and has the same scale for every teacher (LiteMedSAM's
+    pooled embedding has a standard deviation of about 0.1, which made the feature term negligible)."""
+    flat = emb.float().transpose(0, 1).reshape(emb.shape[1], -1)
+    mean, std = flat.mean(1), flat.std(1).clamp_min(1e-6)
+    return ((emb.float() - mean[None, :, None, None]) / std[None, :, None, None]).half()
+
+
 def new_student(run: Run, n_classes: Optional[int] = None) -> Student:
     """A freshly initialised student: the same initial weights for every method of the run."""
     s = run.profile.student
@@ -207,7 +216,7 @@ def _kd_parts(run: Run, method: str, student: Student, loss_fn: Callable):
     """(images, inputs digest part, extra modules, batch loss) of a KD method."""
     d = run.profile.distill
     tg = teacher_targets(run, synthetic=method != "ts_kd_nosyn", kinds=("ta",) if method == "ta_kd" else ("ts",))
-    emb = tg["emb_ta"] if method == "ta_kd" else tg["emb_ts"]
+    emb = standardized(tg["emb_ta"] if method == "ta_kd" else tg["emb_ts"])
     logits_t = None if method == "ta_kd" else tg["logits_ts"]
     with seeded(run.seed_for("pretrain", method, "align")):
         align = FeatureAlign(student.embed_dim, emb.shape[1]).to(run.device)

@@ -1,7 +1,7 @@
 """The losses of every stage, in one place (the notebooks show and may redefine them).
 
 * :func:`segmentation_loss`: Dice + cross-entropy on K-class logits (teacher, fine-tuning);
-* :func:`feature_loss` and :func:`output_loss`: the two halves of knowledge distillation, and
+* :func:`feature_loss` and :func:`output_loss` (soft KL + Dice on the teacher's labels): the two halves of knowledge distillation, and
   :func:`kd_loss` combining them (notebook 04);
 * :func:`diffusion_loss`: the DDPM's denoising objective (notebook 03).
 
@@ -36,11 +36,15 @@ def feature_loss(student_features: torch.Tensor, teacher_embedding: torch.Tensor
 
 
 def output_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """T^2 * KL(teacher || student) between temperature-softened per-pixel class distributions."""
+    """Match the teacher's per-pixel outputs: T^2 * KL(teacher || student) between temperature-softened class
+    distributions, plus Dice + cross-entropy against the teacher's hard labels (its argmax). The KL is a mean over
+    pixels, so the background dominates it and a student can lower it for many epochs while still predicting
+    background everywhere; the Dice term weighs the structure itself (benchmarks/bench_kd_loss.py)."""
     t = temperature
     log_p_student = F.log_softmax(student_logits.float() / t, dim=1)
     p_teacher = F.softmax(teacher_logits.float() / t, dim=1)
-    return F.kl_div(log_p_student, p_teacher, reduction="none").sum(1).mean() * t * t
+    kl = F.kl_div(log_p_student, p_teacher, reduction="none").sum(1).mean() * t * t
+    return kl + segmentation_loss(student_logits, teacher_logits.argmax(1))
 
 
 def kd_loss(student, align, images: torch.Tensor, teacher_embedding: torch.Tensor,

@@ -333,16 +333,18 @@ def train_lora(run: Run, encoder: TeacherEncoder, frozen_head, data: Callable[[]
 # ------------------------------------------------------------------------------ the whole stage
 
 
-def train_teacher(run: Run, force: bool = False, config=None, loss_fn: Optional[Callable] = None) -> dict:
+def train_teacher(run: Run, force: bool = False, config=None, loss_fn: Optional[Callable] = None,
+                  data: Optional[TeacherData] = None) -> dict:
     """Train (or reuse) the frozen-encoder baseline, then the LoRA teacher from it; pick the better.
 
     ``config``: a ``peft.LoraConfig`` (default: the profile's); ``loss_fn(model, batch) -> loss``: the
-    objective of one LoRA training step (default :func:`lora_loss`). Returns ``metrics.json``'s content.
+    objective of one LoRA training step (default :func:`lora_loss`); ``data``: the :class:`TeacherData` when
+    the caller already holds it (notebook 02), so that it is not prepared twice. Returns ``metrics.json``'s content.
     """
     t, out = run.profile.teacher, run.teacher_dir
     out.mkdir(parents=True, exist_ok=True)
     encoder = freeze(build_encoder(run)).to(run.device)
-    cache: dict = {}
+    cache: dict = {} if data is None else {"d": data}
     t0 = time.perf_counter()
 
     def data() -> TeacherData:  # prepared once, only if a stage has to train

@@ -1,0 +1,100 @@
+#!/usr/bin/env python
+"""The transfer-set ablation: does TS-KD gain from synthetic images, and at which scale of real data?
+
+For each seed, one run folder; for each composition of the transfer set (the labeled cases plus 0, some or all
+real unlabeled cases), the diffusion model is trained on exactly those real images, its samples are added,
+and ts_kd (with the synthetic images) and ts_kd_nosyn (without) are distilled from the same teacher and
+fine-tuned. The teacher is trained once per seed (it reads no transfer-set setting, so the stage fingerprints
+reuse it); only what depends on the composition is recomputed. Per-case test Dice of every (composition,
+seed, method) goes to ``per_case.csv``; ``ablation.md`` has the table, the paired intervals and a plot.
+
+    python benchmarks/bench_transfer_set.py --profile cpu --dataset hc18 --data-root /tmp/hc18work/data \\
+        --n-labeled 20 --seeds 0,1 --unlabeled 0,50,all --out /tmp/transfer_ablation
+
+Never tuned on the test split: every setting comes from the profile; the test split only scores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+METHODS = ["ts_kd", "ts_kd_nosyn"]
+
+
+def one(args, seed: int, n_unlabeled) -> pd.DataFrame:
+    from tskd_utils import distill, evaluate, generation, teacher
+    from tskd_utils.run import setup_run
+    from tskd_utils.stats import case_scores
+
+    overrides = dict(args.overrides, **{"distill.n_unlabeled": n_unlabeled})
+    run = setup_run(args.out / f"{args.dataset}_n{args.n_labeled}_s{seed}", args.profile, args.dataset,
+                    args.data_root, args.n_labeled, seed, overrides)
+    t0 = time.perf_counter()
+    teacher.train_teacher(run)
+    generation.generate(run)
+    distill.run_methods(run, METHODS)
+    evaluate.evaluate_run(run, METHODS, include_teacher=False, measure_efficiency=False)
+    scores = case_scores(pd.read_csv(run.metrics_dir / "per_case.csv"))
+    comp = distill.transfer_composition(run)
+    print(f"seed {seed}, unlabeled {comp['unlabeled']}: {time.perf_counter() - t0:.0f} s; "
+          f"{scores.groupby('method')['dice'].mean().round(4).to_dict()}", flush=True)
+    return scores.assign(seed=seed, unlabeled=comp["unlabeled"], synthetic=comp["synthetic"])
+
+
+def report(df: pd.DataFrame, out: Path) -> str:
+    import matplotlib.pyplot as plt
+
+    from tskd_utils.stats import format_interval, paired_comparisons
+
+    lines = ["| real unlabeled | ts_kd_nosyn | ts_kd (+ synthetic) | ts_kd - ts_kd_nosyn, 95% interval | p | verdict |",
+             "|---|---|---|---|---|---|"]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for method, style in (("ts_kd_nosyn", "o--"), ("ts_kd", "s-")):
+        means = df[df.method == method].groupby("unlabeled")["dice"].mean()
+        ax.plot(means.index.astype(str), means.values, style, label=method)
+    for u, g in df.groupby("unlabeled"):
+        row = paired_comparisons(g.drop(columns=["unlabeled", "synthetic"]), reference="ts_kd").iloc[0]
+        means = g.groupby("method")["dice"].mean()
+        lines.append(f"| {u} | {means['ts_kd_nosyn']:.3f} | {means['ts_kd']:.3f} | "
+                     f"{format_interval(row['mean_diff'], row['ci_low'], row['ci_high'])} | "
+                     f"{row['p_wilcoxon']:.2g} | {row['verdict']} |")
+    ax.set_xlabel("real unlabeled images in the transfer set")
+    ax.set_ylabel("test Dice (mean over cases and seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "ablation.png", dpi=120)
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--profile", default="cpu")
+    ap.add_argument("--dataset", default="hc18")
+    ap.add_argument("--data-root", type=Path, required=True)
+    ap.add_argument("--n-labeled", type=int, default=20)
+    ap.add_argument("--seeds", default="0,1")
+    ap.add_argument("--unlabeled", default="0,50,all")
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    args.overrides = dict(kv.split("=", 1) for kv in args.sets)
+    frames = []
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        for u in args.unlabeled.split(","):
+            frames.append(one(args, seed, None if u == "all" else int(u)))
+            pd.concat(frames).to_csv(args.out / "per_case.csv", index=False)
+    table = report(pd.concat(frames), args.out)
+    (args.out / "ablation.md").write_text(f"Command: `{' '.join(sys.argv)}`\n\n{table}\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
