@@ -13,7 +13,7 @@ RUNS ?= runs/$(DATASET)-$(PROFILE)
 METHODS ?= all
 EXECUTOR ?= local
 
-.PHONY: install demo test test-fast test-notebooks reproduce lab clean-runs help
+.PHONY: install demo test test-fast test-notebooks reproduce lab clean-cache clean-runs help
 
 help:
 	@echo "make demo        [SEED=0] the whole pipeline on the embedded phantom (CPU, offline; see README for the time)"
@@ -21,6 +21,7 @@ help:
 	@echo "make test-notebooks  only the notebooks, as a reader runs them (nbval, smoke profile from TSKD_* variables)"
 	@echo "make reproduce   PROFILE=demo DATASET=hc18 N_LABELED=10,20,50 SEEDS=0,1,2 [DATA_ROOT=data] [EXECUTOR=ray]"
 	@echo "make lab         start JupyterLab on notebooks/"
+	@echo "make clean-cache remove the recomputable caches under runs/ (keeps weights, metrics, notebooks)"
 
 # a virtual environment with the project installed (re-done when pyproject.toml changes)
 $(STAMP): pyproject.toml
@@ -53,6 +54,12 @@ reproduce: $(STAMP)
 lab: $(STAMP)
 	$(PY) -m pip install -q jupyterlab
 	$(VENV)/bin/jupyter lab notebooks/
+
+# what the runs can recompute on demand: the teacher's cached prefix features (runs/<sweep>/_shared_cache) and each
+# run's cache/ (teacher targets, synthetic-image features); weights, metrics, figures and notebooks stay
+clean-cache:
+	@if [ -d runs ]; then du -sh runs; find runs -maxdepth 3 -type d \( -name _shared_cache -o -name cache \) -prune \
+		-exec rm -rf {} +; du -sh runs; fi
 
 clean-runs:
 	rm -rf runs/
