@@ -194,9 +194,8 @@ def _demo() -> Profile:
             beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction", epochs=40, batch_size=16, lr=1e-3,
         ),
         student=StudentConfig(name="vit_mini", decoder_channels=64),
-        # 20 epochs of batch 8, the output loss weighted 2: the ts_kd student's validation Dice straight after
-        # distillation comes near the teacher's (benchmarks/bench_kd_loss.py; docs/benchmarks.md)
-        distill=DistillConfig(epochs=20, batch_size=8, lr=1e-3, output_weight=2.0),
+        # 20 epochs of batch 8 (docs/benchmarks.md: make demo; benchmarks/bench_kd_loss.py for the output loss)
+        distill=DistillConfig(epochs=20, batch_size=8, lr=1e-3),
         finetune=FinetuneConfig(epochs=12, steps_per_epoch=8, batch_size=8, lr=1e-3, warmup_epochs=1),
     )
 
