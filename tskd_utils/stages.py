@@ -27,7 +27,7 @@ from .run import Run, check_methods
 # colab and paper: rough guesses, not measured yet (printed as such). "students" is per method.
 ESTIMATES = {
     "smoke": {"where": "on 2 CPU cores", "measured": True, "teacher": 0.2, "synthetic": 0.2, "students": 0.1},
-    "demo": {"where": "on 2 CPU cores", "measured": True, "teacher": 5, "synthetic": 4, "students": 1.2},
+    "demo": {"where": "on 2 CPU cores", "measured": True, "teacher": 4, "synthetic": 4, "students": 1.4},
     "colab": {"where": "on a T4 GPU", "measured": False, "teacher": 10, "synthetic": 25, "students": 10},
     "paper": {"where": "on a large GPU", "measured": False, "teacher": 60, "synthetic": 180, "students": 60},
 }
