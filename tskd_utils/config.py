@@ -180,7 +180,7 @@ def _demo() -> Profile:
         description="a laptop or 2-core CPU, no GPU, no network: LiteMedSAM teacher, small student, 128 px",
         default_n_labeled=20,
         device="auto",
-        data=DataConfig(image_size=128, phantom_cases=180),
+        data=DataConfig(image_size=128, max_train=220, max_val=40, max_test=100, phantom_cases=180),
         teacher=TeacherConfig(
             name="litemedsam", input_size=256, lora_rank=8, lora_alpha=16,
             lora_targets=("qkv", "proj", "fc1", "fc2"), lora_stages=(3,), cache_prefix=True, prefix_dtype="bfloat16",
