@@ -228,7 +228,9 @@ def _kd_parts(run: Run, method: str, student: Student, loss_fn: Callable):
                        d.feature_weight, d.output_weight, d.temperature)
 
     info = {"synthetic": int(sum(tg["synthetic"]))}
-    return tg["images"], {"targets": tg["digest"]}, {"align": align}, batch_loss, info
+    # the standardization is part of the targets the student sees: changing it retrains the stage
+    digest = {"targets": tg["digest"], "target transform": source_digest(standardized)}
+    return tg["images"], digest, {"align": align}, batch_loss, info
 
 
 def _ssl_parts(run: Run, method: str, student: Student):

@@ -347,16 +347,16 @@ def train_teacher(run: Run, force: bool = False, config=None, loss_fn: Optional[
     cache: dict = {} if data is None else {"d": data}
     t0 = time.perf_counter()
 
-    def data() -> TeacherData:  # prepared once, only if a stage has to train
+    def prepared() -> TeacherData:  # prepared once, only if a stage has to train
         if "d" not in cache:
             cache["d"] = teacher_data(run, encoder)
         return cache["d"]
 
-    head, frozen_hist, trained = train_frozen(run, encoder, data, force)
+    head, frozen_hist, trained = train_frozen(run, encoder, prepared, force)
     if trained or not (out / "frozen_head.safetensors").is_file():  # written once per training, not on reuse
         save_weights(out / "frozen_head.safetensors", {"head": head})
     t1 = time.perf_counter()
-    peft_model, model, lora_hist, trained = train_lora(run, encoder, head, data, config, loss_fn, force)
+    peft_model, model, lora_hist, trained = train_lora(run, encoder, head, prepared, config, loss_fn, force)
     if trained or not (out / "adapter" / "adapter_model.safetensors").is_file() or not (out / "head.safetensors").is_file():
         peft_model.save_pretrained(str(out / "adapter"))
         save_weights(out / "head.safetensors", {"head": model.head})
