@@ -201,6 +201,9 @@ def _demo() -> Profile:
 
 
 def _cpu() -> Profile:
+    # Sized for one run in about 45 minutes on 2 CPU cores (docs/benchmarks.md "HC18, cpu profile": where the time
+    # goes). Most of it is the six students: ViT-Tiny at 256 px costs about 0.09 s per image for a forward and
+    # backward pass there, so the schedules are counted in image passes, the same for every method.
     return Profile(
         name="cpu",
         description="real data on a laptop CPU, quality first: LiteMedSAM teacher, the paper's ViT-Tiny student, 256 px",
@@ -213,13 +216,13 @@ def _cpu() -> Profile:
             augment=False, cached_augmentations=3, head_epochs=40, epochs=8, batch_size=4, lr=1e-3, warmup_epochs=1,
         ),
         diffusion=DiffusionConfig(
-            n_synthetic=200, latent=True, sample_size=128, vae_block_out_channels=(32, 64, 64), latent_channels=4,
-            vae_epochs=30, block_out_channels=(32, 64, 128), attention=True, beta_schedule="squaredcos_cap_v2",
-            prediction_type="v_prediction", epochs=150, batch_size=16, lr=1e-3, warmup_steps=100,
+            n_synthetic=100, latent=True, sample_size=128, vae_block_out_channels=(32, 64, 64), latent_channels=4,
+            vae_epochs=20, block_out_channels=(32, 64, 128), attention=True, beta_schedule="squaredcos_cap_v2",
+            prediction_type="v_prediction", epochs=100, batch_size=16, lr=1e-3, warmup_steps=100,
         ),
         student=StudentConfig(name="vit_tiny", decoder_channels=64),
-        distill=DistillConfig(epochs=20, batch_size=16, lr=5e-4, warmup_epochs=2),
-        finetune=FinetuneConfig(epochs=30, steps_per_epoch=10, batch_size=8, lr=3e-4, warmup_epochs=2),
+        distill=DistillConfig(epochs=10, batch_size=16, lr=1e-3, warmup_epochs=1),
+        finetune=FinetuneConfig(epochs=16, steps_per_epoch=8, batch_size=8, lr=5e-4, warmup_epochs=1),
     )
 
 
