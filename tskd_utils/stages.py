@@ -23,11 +23,13 @@ from .run import Run, check_methods
 
 # Minutes a stage takes when computed by these functions, per profile, on the machine the profile is for:
 # smoke: 2 busy CPU cores (tests/test_notebooks_alone.py); demo: notebooks 02, 03 and 04 of the README's
-# `make demo` on 2 CPU cores (phantom, n_labeled 20; update these when the demo profile is re-timed);
+# `make demo` on 2 CPU cores (phantom, n_labeled 20; update these when the demo profile is re-timed); cpu: the HC18
+# sweep run of docs/benchmarks.md (n_labeled 20, seed 0);
 # colab and paper: rough guesses, not measured yet (printed as such). "students" is per method.
 ESTIMATES = {
     "smoke": {"where": "on 2 CPU cores", "measured": True, "teacher": 0.2, "synthetic": 0.2, "students": 0.1},
     "demo": {"where": "on 2 CPU cores", "measured": True, "teacher": 4, "synthetic": 4, "students": 1.4},
+    "cpu": {"where": "on 2 CPU cores", "measured": True, "teacher": 6, "synthetic": 9, "students": 6},
     "colab": {"where": "on a T4 GPU", "measured": False, "teacher": 10, "synthetic": 25, "students": 10},
     "paper": {"where": "on a large GPU", "measured": False, "teacher": 60, "synthetic": 180, "students": 60},
 }
