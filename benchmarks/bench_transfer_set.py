@@ -10,6 +10,10 @@ seed, method) goes to ``per_case.csv``; ``ablation.md`` has the table, the paire
 
     python benchmarks/bench_transfer_set.py --profile cpu --dataset hc18 --data-root /tmp/hc18work/data \\
         --n-labeled 20 --seeds 0,1 --unlabeled 0,50,all --out /tmp/transfer_ablation
+    python benchmarks/bench_transfer_set.py --out OUT --data-root DATA --from-csv A/per_case.csv B/per_case.csv
+
+Run the compositions in the order given: a run folder keeps one generator and one student per method, so going back to a
+composition retrains them. ``--from-csv`` joins the per-case tables of invocations run apart into one report.
 
 Never tuned on the test split: every setting comes from the profile; the test split only scores.
 """
@@ -84,8 +88,21 @@ def main() -> None:
     ap.add_argument("--unlabeled", default="0,50,all")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--from-csv", type=Path, nargs="+", default=None, metavar="CSV",
+                    help="no training: the report of per_case.csv files of earlier invocations (compositions run apart)")
     args = ap.parse_args()
     args.overrides = dict(kv.split("=", 1) for kv in args.sets)
+    if args.from_csv:
+        missing = [str(p) for p in args.from_csv if not p.is_file()]
+        if missing:
+            raise SystemExit(f"--from-csv: no such file: {', '.join(missing)}")
+        df = pd.concat([pd.read_csv(p) for p in args.from_csv]).drop_duplicates(["method", "case", "seed", "unlabeled"])
+        args.out.mkdir(parents=True, exist_ok=True)
+        df.to_csv(args.out / "per_case.csv", index=False)
+        table = report(df, args.out)
+        (args.out / "ablation.md").write_text(f"Command: `{' '.join(sys.argv)}`\n\n{table}\n")
+        print(table)
+        return
     frames = []
     for seed in [int(s) for s in args.seeds.split(",")]:
         for u in args.unlabeled.split(","):
