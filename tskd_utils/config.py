@@ -201,9 +201,9 @@ def _demo() -> Profile:
 
 
 def _cpu() -> Profile:
-    # Sized for one run in about 45 minutes on 2 CPU cores (docs/benchmarks.md "HC18, cpu profile": where the time
-    # goes). Most of it is the six students: ViT-Tiny at 256 px costs about 0.09 s per image for a forward and
-    # backward pass there, so the schedules are counted in image passes, the same for every method.
+    # Aimed at 45 minutes per run on 2 CPU cores; an HC18 run measured 56 min (docs/benchmarks.md "HC18 (real data),
+    # cpu profile": where the time goes). Most of it is the six students: ViT-Tiny at 256 px costs about 0.09 s per
+    # image for a forward and backward pass there, and every method gets the same schedule.
     return Profile(
         name="cpu",
         description="real data on a laptop CPU, quality first: LiteMedSAM teacher, the paper's ViT-Tiny student, 256 px",
