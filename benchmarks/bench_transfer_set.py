@@ -59,19 +59,35 @@ def report(df: pd.DataFrame, out: Path) -> str:
 
     lines = ["| real unlabeled | ts_kd_nosyn | ts_kd (+ synthetic) | ts_kd - ts_kd_nosyn, 95% interval | p | verdict |",
              "|---|---|---|---|---|---|"]
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig, (ax, ax_diff) = plt.subplots(1, 2, figsize=(9, 3.5))
+    groups = sorted(df.groupby("unlabeled"), key=lambda kv: int(kv[0]))
+    x = range(len(groups))
+    labels = [str(u) for u, _ in groups]
     for method, style in (("ts_kd_nosyn", "o--"), ("ts_kd", "s-")):
-        means = df[df.method == method].groupby("unlabeled")["dice"].mean()
-        ax.plot(means.index.astype(str), means.values, style, label=method)
-    for u, g in df.groupby("unlabeled"):
+        means = [g[g.method == method]["dice"].mean() for _, g in groups]
+        ax.plot(x, means, style, label=method)
+        for i, (_, g) in enumerate(groups):  # one faint point per seed: how far seeds spread
+            per_seed = g[g.method == method].groupby("seed")["dice"].mean()
+            ax.plot([i] * len(per_seed), per_seed.values, style[0], alpha=0.3, color=ax.lines[-1].get_color())
+    rows = []
+    for u, g in groups:
         row = paired_comparisons(g.drop(columns=["unlabeled", "synthetic"]), reference="ts_kd").iloc[0]
+        rows.append(row)
         means = g.groupby("method")["dice"].mean()
         lines.append(f"| {u} | {means['ts_kd_nosyn']:.3f} | {means['ts_kd']:.3f} | "
                      f"{format_interval(row['mean_diff'], row['ci_low'], row['ci_high'])} | "
                      f"{row['p_wilcoxon']:.2g} | {row['verdict']} |")
-    ax.set_xlabel("real unlabeled images in the transfer set")
-    ax.set_ylabel("test Dice (mean over cases and seeds)")
-    ax.grid(alpha=0.3)
+    diff = [100 * r["mean_diff"] for r in rows]
+    err = [[100 * (r["mean_diff"] - r["ci_low"]) for r in rows], [100 * (r["ci_high"] - r["mean_diff"]) for r in rows]]
+    ax_diff.errorbar(x, diff, yerr=err, fmt="s", capsize=4, color="C1")
+    ax_diff.axhline(0, color="0.4", lw=1)
+    ax_diff.set_ylabel("ts_kd - ts_kd_nosyn, Dice points\n(paired, 95% interval)")
+    n_seeds = df["seed"].nunique()
+    for a in (ax, ax_diff):
+        a.set_xticks(list(x), labels)
+        a.set_xlabel("real unlabeled images in the transfer set")
+        a.grid(alpha=0.3)
+    ax.set_ylabel(f"test Dice (mean; faint: each of {n_seeds} seed(s))")
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "ablation.png", dpi=120)

@@ -1,0 +1,62 @@
+"""The transfer-set ablation's report (benchmarks/bench_transfer_set.py --from-csv): no training, per-case tables only."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_transfer_set", ROOT / "benchmarks" / "bench_transfer_set.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _per_case(seed: int, unlabeled: int, gain: float, n: int = 40) -> pd.DataFrame:
+    rng = np.random.default_rng(seed * 1000 + unlabeled)
+    base = rng.uniform(0.7, 0.9, n)
+    rows = [("ts_kd_nosyn", base), ("ts_kd", base + gain + rng.normal(0, 0.005, n))]
+    return pd.concat([pd.DataFrame({"method": m, "case": [f"c{i:03d}" for i in range(n)], "dice": d, "seed": seed,
+                                    "unlabeled": unlabeled, "synthetic": 100}) for m, d in rows])
+
+
+def test_from_csv_joins_invocations_and_finds_only_the_real_gain(tmp_path, monkeypatch):
+    # compositions and seeds written by separate invocations, in the order they were run (200 before 50 and 0)
+    parts = {"all": pd.concat([_per_case(0, 200, 0.0), _per_case(1, 200, 0.0)]),
+             "scarce": pd.concat([_per_case(s, u, 0.03) for s in (0, 1) for u in (0, 50)])}
+    paths = []
+    for name, df in parts.items():
+        paths.append(tmp_path / f"{name}.csv")
+        df.to_csv(paths[-1], index=False)
+    out = tmp_path / "report"
+    monkeypatch.setattr(sys, "argv", ["bench_transfer_set.py", "--out", str(out), "--data-root", str(tmp_path),
+                                      "--from-csv", *map(str, paths), str(paths[0])])  # a file given twice counts once
+    _bench().main()
+    rows = [line.split("|")[1:-1] for line in (out / "ablation.md").read_text().splitlines() if line.startswith("| ")]
+    body = {int(r[0]): r for r in rows[1:] if r[0].strip().isdigit()}
+    assert list(body) == [0, 50, 200]  # numeric order, not the order the files came in
+    for u in (0, 50):
+        assert body[u][-1].strip() == "ts_kd better", body[u]
+        low, high = map(float, re.search(r"\[([-+\d.]+), ([-+\d.]+)\]", body[u][3]).groups())
+        assert low <= 3.0 <= high and low > 2.0, body[u]  # the interval covers the true +3 points
+    assert body[200][-1].strip() == "within noise", body[200]
+    assert (out / "ablation.png").stat().st_size > 10_000
+    assert len(pd.read_csv(out / "per_case.csv")) == 2 * 2 * 3 * 40  # methods x seeds x compositions x cases
+
+
+def test_from_csv_names_a_missing_file(tmp_path, monkeypatch):
+    present = tmp_path / "a.csv"
+    _per_case(0, 0, 0.0).to_csv(present, index=False)
+    monkeypatch.setattr(sys, "argv", ["bench_transfer_set.py", "--out", str(tmp_path / "o"), "--data-root", str(tmp_path),
+                                      "--from-csv", str(present), str(tmp_path / "nowhere.csv")])
+    with pytest.raises(SystemExit, match="nowhere.csv"):
+        _bench().main()
