@@ -1,4 +1,6 @@
-"""The transfer-set ablation's report (benchmarks/bench_transfer_set.py --from-csv): no training, per-case tables only."""
+"""Benchmark scripts without training: the transfer-set ablation's report (bench_transfer_set.py --from-csv) and the
+student-schedule variants (bench_student_schedule.py: variants parse or fail with a clear message, and a variant's folder is a
+copy, so training a variant never writes into the finished run it starts from)."""
 
 from __future__ import annotations
 
@@ -14,8 +16,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_transfer_set", ROOT / "benchmarks" / "bench_transfer_set.py")
+def _bench(name: str = "bench_transfer_set"):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -60,3 +62,28 @@ def test_from_csv_names_a_missing_file(tmp_path, monkeypatch):
                                       "--from-csv", str(present), str(tmp_path / "nowhere.csv")])
     with pytest.raises(SystemExit, match="nowhere.csv"):
         _bench().main()
+
+
+def test_variants_parse_and_bad_ones_are_named():
+    bench = _bench("bench_student_schedule")
+    assert bench.parse_variant("long:distill.epochs=20,finetune.lr=1e-4") == (
+        "long", {"distill.epochs": "20", "finetune.lr": "1e-4"})
+    for bad in ("finetune.lr=1e-4", "name:", "name:finetune.lr", ":finetune.lr=1"):
+        with pytest.raises(SystemExit, match="--variant"):
+            bench.parse_variant(bad)
+
+
+def test_a_variant_folder_is_a_copy_of_what_it_reads(tmp_path):
+    src, dst = tmp_path / "run", tmp_path / "out" / "v"
+    for rel in ("config.json", "splits.json", "teacher/lora/w.safetensors", "cache/targets/a.safetensors",
+                "students/ts_kd/pretrain/final.safetensors", "students/ts_kd/finetune/log.csv", "metrics/per_case.csv"):
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_text(rel)
+    _bench("bench_student_schedule").copy_run(src, dst, ["ts_kd", "scratch"])
+    copied = sorted(str(p.relative_to(dst)) for p in dst.rglob("*") if p.is_file())
+    assert copied == ["cache/targets/a.safetensors", "config.json", "splits.json",
+                      "students/ts_kd/pretrain/final.safetensors", "teacher/lora/w.safetensors"]  # no test metrics, no old fine-tuning
+    (dst / "students/ts_kd/pretrain/final.safetensors").write_text("retrained")
+    (dst / "cache/targets/a.safetensors").unlink()
+    assert (src / "students/ts_kd/pretrain/final.safetensors").read_text() == "students/ts_kd/pretrain/final.safetensors"
+    assert (src / "cache/targets/a.safetensors").is_file()
