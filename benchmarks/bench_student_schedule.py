@@ -4,7 +4,7 @@ its teacher taught it? Scored on a finished run's validation cases only (never t
 
     python benchmarks/bench_student_schedule.py --run-dir /tmp/cpu12/hc18_n20_s0 --out /tmp/schedule \\
         --methods ts_kd,ta_kd --variant ft_lr_2e-4:finetune.lr=2e-4 --variant ft_lr_1e-4:finetune.lr=1e-4 \\
-        --variant distill_20ep:distill.epochs=20,finetune.lr=1e-4
+        --variant distill_20ep:distill.epochs=20
 
 Each variant is a profile override on top of the run's own settings. It runs in its own folder under ``--out``:
 the run's config, split, teacher, synthetic images, cached teacher targets and the methods' pretrained students
@@ -47,6 +47,12 @@ def copy_run(src: Path, dst: Path, methods: list[str]) -> None:
             shutil.copytree(src / sub, dst / sub)
 
 
+def after_distill(log: Path):
+    """ts_kd's validation Dice at the end of distillation (None for methods that log none)."""
+    df = pd.read_csv(log) if log.is_file() else None
+    return df["val_dice"].iloc[-1] if df is not None and "val_dice" in df else None
+
+
 def curve(log: Path) -> dict:
     df = pd.read_csv(log)
     return {"best_val": df["val_dice"].max(), "final_val": df["val_dice"].iloc[-1],
@@ -68,9 +74,8 @@ def main() -> None:
     base = load_run(args.run_dir)
     rows = []
     for m in methods:
-        pre = method_dir(base, m) / "pretrain" / "log.csv"
-        after = pd.read_csv(pre)["val_dice"].iloc[-1] if pre.is_file() and "val_dice" in pd.read_csv(pre) else None
-        rows.append({"variant": "as run", "method": m, "val_after_distill": after,
+        rows.append({"variant": "as run", "method": m,
+                     "val_after_distill": after_distill(method_dir(base, m) / "pretrain" / "log.csv"),
                      **curve(method_dir(base, m) / "finetune" / "log.csv")})
     for name, overrides in variants:
         dst = args.out / name
@@ -79,12 +84,9 @@ def main() -> None:
                         {**base.overrides, **overrides})
         for m in methods:
             t0 = time.perf_counter()
-            info = run_method(run, m)
-            pre = method_dir(run, m) / "pretrain" / "log.csv"
-            after = info.get("val_dice_after_pretrain")
-            if after is None and pre.is_file() and "val_dice" in pd.read_csv(pre):
-                after = pd.read_csv(pre)["val_dice"].iloc[-1]
-            rows.append({"variant": name, "method": m, "val_after_distill": after,
+            run_method(run, m)
+            rows.append({"variant": name, "method": m,
+                         "val_after_distill": after_distill(method_dir(run, m) / "pretrain" / "log.csv"),
                          **curve(method_dir(run, m) / "finetune" / "log.csv"),
                          "wall_seconds": time.perf_counter() - t0})
             print(rows[-1], flush=True)

@@ -65,10 +65,10 @@ def report(df: pd.DataFrame, out: Path) -> str:
     labels = [str(u) for u, _ in groups]
     for method, style in (("ts_kd_nosyn", "o--"), ("ts_kd", "s-")):
         means = [g[g.method == method]["dice"].mean() for _, g in groups]
-        ax.plot(x, means, style, label=method)
+        (line,) = ax.plot(x, means, style, label=method)
         for i, (_, g) in enumerate(groups):  # one faint point per seed: how far seeds spread
             per_seed = g[g.method == method].groupby("seed")["dice"].mean()
-            ax.plot([i] * len(per_seed), per_seed.values, style[0], alpha=0.3, color=ax.lines[-1].get_color())
+            ax.plot([i] * len(per_seed), per_seed.values, style[0], alpha=0.3, color=line.get_color())
     rows = []
     for u, g in groups:
         row = paired_comparisons(g.drop(columns=["unlabeled", "synthetic"]), reference="ts_kd").iloc[0]
@@ -94,6 +94,12 @@ def report(df: pd.DataFrame, out: Path) -> str:
     return "\n".join(lines)
 
 
+def write_report(df: pd.DataFrame, out: Path) -> None:
+    table = report(df, out)
+    (out / "ablation.md").write_text(f"Command: `{' '.join(sys.argv)}`\n\n{table}\n")
+    print(table)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--profile", default="cpu")
@@ -115,18 +121,14 @@ def main() -> None:
         df = pd.concat([pd.read_csv(p) for p in args.from_csv]).drop_duplicates(["method", "case", "seed", "unlabeled"])
         args.out.mkdir(parents=True, exist_ok=True)
         df.to_csv(args.out / "per_case.csv", index=False)
-        table = report(df, args.out)
-        (args.out / "ablation.md").write_text(f"Command: `{' '.join(sys.argv)}`\n\n{table}\n")
-        print(table)
+        write_report(df, args.out)
         return
     frames = []
     for seed in [int(s) for s in args.seeds.split(",")]:
         for u in args.unlabeled.split(","):
             frames.append(one(args, seed, None if u == "all" else int(u)))
             pd.concat(frames).to_csv(args.out / "per_case.csv", index=False)
-    table = report(pd.concat(frames), args.out)
-    (args.out / "ablation.md").write_text(f"Command: `{' '.join(sys.argv)}`\n\n{table}\n")
-    print(table)
+    write_report(pd.concat(frames), args.out)
 
 
 if __name__ == "__main__":
