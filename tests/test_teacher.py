@@ -163,6 +163,27 @@ def test_prefix_cache_matches_live_prefix_and_is_reused(tmp_path):
     assert not torch.allclose(other[0].float(), got[0].float(), atol=1e-3)
 
 
+def test_feature_cache_survives_two_writers_of_one_entry(tmp_path, monkeypatch):
+    """Runs of a sweep share the cache: another writer may finish the same entry while this one is
+    between writing and renaming (CI saw a fixed temporary name raise FileNotFoundError here)."""
+    from tskd_utils import features
+
+    cache = features.FeatureCache(tmp_path)
+    real_save = features.save_file
+    other = {"x": torch.ones(2, 3)}
+    mine = {"x": torch.full((2, 3), 2.0)}
+
+    def save_then_other_writer_finishes(tensors, path):
+        real_save(tensors, path)
+        monkeypatch.setattr(features, "save_file", real_save)
+        cache.save("ph0013-abc", other)  # the other run writes and renames the same entry meanwhile
+
+    monkeypatch.setattr(features, "save_file", save_then_other_writer_finishes)
+    cache.save("ph0013-abc", mine)
+    assert torch.equal(cache.load("ph0013-abc"), mine["x"])  # the last rename wins, nothing raised
+    assert [p.name for p in tmp_path.iterdir()] == ["ph0013-abc.safetensors"]  # no temporary left
+
+
 def test_bfloat16_prefix_is_close_to_float32():
     from tskd_utils import features
 

@@ -17,6 +17,8 @@ bottom/right) and the teacher normalises **the image itself**, not the padding
 from __future__ import annotations
 
 import hashlib
+import os
+import uuid
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -50,11 +52,16 @@ class FeatureCache:
         return safe_join(self.dir, f"{key}.safetensors")
 
     def save(self, key: str, tensors: dict) -> None:
-        """Write one entry atomically (a temporary file renamed into place)."""
+        """Write one entry atomically (a temporary file renamed into place). The temporary name is unique
+        to this writer: runs of a sweep share the cache and may fill the same entry at the same time
+        (the last rename wins; both wrote the same features)."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.dir / f".{key}.tmp"
-        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-        tmp.replace(self.path(key))
+        tmp = self.dir / f".{key}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+            tmp.replace(self.path(key))
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def load_all(self, key: str) -> dict:
         path = self.path(key)
