@@ -16,6 +16,7 @@ targets). The first row of each method is the run as it was, read from its logs.
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import sys
 import time
@@ -27,9 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
-    """``name:key=value,key=value`` -> (name, overrides)."""
+    """``name:key=value,key=value`` -> (name, overrides). A value may be a JSON list (``teacher.lora_stages=[2,3]``):
+    only a comma followed by the next ``section.key=`` separates two settings."""
     name, sep, body = text.partition(":")
-    pairs = [kv.split("=", 1) for kv in body.split(",") if kv]
+    pairs = [kv.split("=", 1) for kv in re.split(r",(?=[A-Za-z_]+\.[A-Za-z_]+=)", body) if kv]
     if not sep or not name or not pairs or any(len(p) != 2 or not p[0] for p in pairs):
         raise SystemExit(f"--variant {text!r}: expected NAME:KEY=VALUE[,KEY=VALUE...], e.g. ft_lr_1e-4:finetune.lr=1e-4")
     return name, {k: v for k, v in pairs}

@@ -1,6 +1,7 @@
-"""Benchmark scripts without training: the transfer-set ablation's report (bench_transfer_set.py --from-csv) and the
-student-schedule variants (bench_student_schedule.py: variants parse or fail with a clear message, and a variant's folder is a
-copy, so training a variant never writes into the finished run it starts from)."""
+"""Benchmark scripts: the transfer-set ablation's report (bench_transfer_set.py --from-csv), the student-schedule variants
+(bench_student_schedule.py: variants parse or fail with a clear message, and a variant's folder is a copy, so training a
+variant never writes into the finished run it starts from) and the teacher variants (bench_teacher_variants.py, on the
+smoke profile: a variant trains beside the run, reuses what its settings leave unchanged, and the run is only read)."""
 
 from __future__ import annotations
 
@@ -68,6 +69,8 @@ def test_variants_parse_and_bad_ones_are_named():
     bench = _bench("bench_student_schedule")
     assert bench.parse_variant("long:distill.epochs=20,finetune.lr=1e-4") == (
         "long", {"distill.epochs": "20", "finetune.lr": "1e-4"})
+    assert bench.parse_variant("s23:teacher.lora_stages=[2,3],teacher.lora_rank=16") == (
+        "s23", {"teacher.lora_stages": "[2,3]", "teacher.lora_rank": "16"})  # a list's commas stay in its value
     for bad in ("finetune.lr=1e-4", "name:", "name:finetune.lr", ":finetune.lr=1"):
         with pytest.raises(SystemExit, match="--variant"):
             bench.parse_variant(bad)
@@ -87,3 +90,37 @@ def test_a_variant_folder_is_a_copy_of_what_it_reads(tmp_path):
     (dst / "cache/targets/a.safetensors").unlink()
     assert (src / "students/ts_kd/pretrain/final.safetensors").read_text() == "students/ts_kd/pretrain/final.safetensors"
     assert (src / "cache/targets/a.safetensors").is_file()
+
+
+def test_teacher_variants_train_beside_the_run_and_never_write_into_it(smoke_run, monkeypatch, capsys):
+    import hashlib
+
+    from tskd_utils.io import read_json
+    from tskd_utils.teacher import train_teacher
+
+    base = train_teacher(smoke_run)
+
+    def snapshot():
+        return {str(p.relative_to(smoke_run.dir)): hashlib.sha1(p.read_bytes()).hexdigest()
+                for p in sorted(smoke_run.dir.rglob("*")) if p.is_file() and p.name != "environment.json"}
+
+    before = snapshot()
+    from tskd_utils import teacher
+
+    head_fits = []
+    monkeypatch.setattr(teacher, "fit_head", lambda *a, **k: head_fits.append(1))
+    out = smoke_run.dir.parent / "variants"
+    monkeypatch.setattr(sys, "argv", ["bench_teacher_variants.py", "--run-dir", str(smoke_run.dir), "--out", str(out),
+                                      "--variant", "rank2:teacher.lora_rank=2,teacher.lora_alpha=4"])
+    _bench("bench_teacher_variants").main()
+    assert snapshot() == before  # the finished run is only read
+    got = read_json(out / "rank2" / "teacher" / "metrics.json")
+    assert got["lora"]["r"] == 2 and base["lora"]["r"] == 4  # the variant's setting was applied
+    assert head_fits == [] and got["frozen_val_dice"] == base["frozen_val_dice"]  # frozen head reused: inputs unchanged
+    assert got["parameters"][1]["trainable_encoder"] == base["parameters"][1]["trainable_encoder"] // 2
+    table = pd.read_csv(out / "teachers.csv")
+    assert list(table["variant"]) == ["as run", "rank2"]
+    assert "| rank2 |" in capsys.readouterr().out
+    monkeypatch.setattr(sys, "argv", ["bench_teacher_variants.py", "--run-dir", str(smoke_run.dir), "--out", str(out)])
+    with pytest.raises(SystemExit, match="--variant"):
+        _bench("bench_teacher_variants").main()
