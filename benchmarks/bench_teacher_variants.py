@@ -12,7 +12,8 @@ frozen encoder + head, then LoRA from it) in its own folder under ``--out``, wit
 is only read: its split and frozen-head stage are copied (the frozen head is reused when a variant leaves its inputs
 as they were, e.g. a LoRA rank), and the frozen prefix features come from the run's shared cache (``--out`` links to
 it; a variant with another prefix, e.g. LoRA from an earlier stage, adds its own entries there, keyed by content).
-The first row is the run as it was, read from ``teacher/metrics.json``. Results go to ``--out``/teachers.csv.
+The first row is the run as it was, read from ``teacher/metrics.json``. Results go to ``--out``/teachers.csv, which
+keeps the variants of earlier invocations with the same ``--out`` (a variant given again replaces its row).
 """
 
 from __future__ import annotations
@@ -82,8 +83,12 @@ def main() -> None:
         t0 = time.perf_counter()
         rows.append(row(name, train_teacher(run), time.perf_counter() - t0))
         print(rows[-1], flush=True)
-    table = pd.DataFrame(rows)
-    table.to_csv(out / "teachers.csv", index=False)
+    csv = out / "teachers.csv"  # variants of earlier invocations with the same --out are kept
+    if csv.is_file():
+        earlier = pd.read_csv(csv)
+        rows = [r for r in earlier.to_dict("records") if r["variant"] not in {r["variant"] for r in rows}] + rows
+        rows.sort(key=lambda r: r["variant"] != "as run")
+    pd.DataFrame(rows).to_csv(csv, index=False)
     print(f"\n{base.dataset}, n_labeled {base.n_labeled}, seed {base.seed}: best validation Dice "
           f"({len(base.splits['val'])} cases)")
     print("| variant | frozen encoder + head | LoRA | selected | frozen s | LoRA s | trainable |\n|---|---|---|---|---|---|---|")

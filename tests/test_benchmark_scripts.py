@@ -121,6 +121,12 @@ def test_teacher_variants_train_beside_the_run_and_never_write_into_it(smoke_run
     table = pd.read_csv(out / "teachers.csv")
     assert list(table["variant"]) == ["as run", "rank2"]
     assert "| rank2 |" in capsys.readouterr().out
+    monkeypatch.setattr(sys, "argv", ["bench_teacher_variants.py", "--run-dir", str(smoke_run.dir), "--out", str(out),
+                                      "--variant", "rank2:teacher.lora_rank=2,teacher.lora_alpha=4",
+                                      "--variant", "ep1:teacher.epochs=1"])
+    _bench("bench_teacher_variants").main()  # rank2 finished: reused, not retrained; ep1 is new
+    table = pd.read_csv(out / "teachers.csv")
+    assert list(table["variant"]) == ["as run", "rank2", "ep1"] and head_fits == []
     monkeypatch.setattr(sys, "argv", ["bench_teacher_variants.py", "--run-dir", str(smoke_run.dir), "--out", str(out)])
     with pytest.raises(SystemExit, match="--variant"):
         _bench("bench_teacher_variants").main()

@@ -86,6 +86,9 @@ def test_litemedsam_lora_trains_under_two_percent(tmp_path):
     assert 0 < frac < 0.02
     names = [n for n, p in pm.named_parameters() if p.requires_grad]
     assert names and all("lora_" in n and ".layers.3." in n for n in names)
+    enc.fuse_prefix()  # after the adapters: what a run whose frozen head is reused does when it computes prefix features
+    assert [n for n, p in pm.named_parameters() if p.requires_grad] == names
+    assert teacher.parameter_table(pm, torch.nn.Conv2d(1, 1, 1))[1]["trainable_encoder"] == table[1]["trainable_encoder"]
 
 
 def test_sam_vit_b_offline_without_weights_is_a_clear_error(monkeypatch):

