@@ -85,8 +85,8 @@ def main() -> None:
         print(rows[-1], flush=True)
     csv = out / "teachers.csv"  # variants of earlier invocations with the same --out are kept
     if csv.is_file():
-        earlier = pd.read_csv(csv)
-        rows = [r for r in earlier.to_dict("records") if r["variant"] not in {r["variant"] for r in rows}] + rows
+        now = {r["variant"] for r in rows}
+        rows = [r for r in pd.read_csv(csv).to_dict("records") if r["variant"] not in now] + rows
         rows.sort(key=lambda r: r["variant"] != "as run")
     pd.DataFrame(rows).to_csv(csv, index=False)
     print(f"\n{base.dataset}, n_labeled {base.n_labeled}, seed {base.seed}: best validation Dice "
