@@ -16,7 +16,7 @@ def trained_run(tmp_path, toy_root):
     from tskd_utils.run import setup_run
 
     run = setup_run(tmp_path / "runs" / "r0", profile="smoke", dataset="toy", data_root=toy_root, n_labeled=6,
-                    seed=0, overrides={"diffusion.n_synthetic": 0})
+                    seed=0, overrides={"diffusion.n_synthetic": 0, "student.cpu_dtype": "bfloat16"})
     train_teacher(run)
     return run
 
@@ -102,6 +102,35 @@ def test_kd_loss_falls_on_a_fixed_batch():
     assert losses[-1] < 0.75 * losses[0] and {"feature_loss", "output_loss"} <= set(parts)
 
 
+def test_kd_loss_falls_under_cpu_bf16_autocast_with_float32_weights():
+    torch.manual_seed(0)
+    student = build_student("vit_micro", 32, 3)
+    align = distill.FeatureAlign(student.embed_dim, 16)
+    x = torch.rand(4, 1, 32, 32)
+    emb, logits_t = torch.randn(4, 16, 8, 8), torch.randn(4, 3, 32, 32) * 3
+    opt = torch.optim.AdamW(list(student.parameters()) + list(align.parameters()), lr=3e-3)
+    losses = []
+    for _ in range(60):
+        with training.autocast("cpu", cpu_dtype="bfloat16"):
+            assert torch.nn.functional.linear(x[0, 0], x[0, 0]).dtype == torch.bfloat16  # autocast is on
+            loss, _ = distill.kd_loss(student, align, x, emb, logits_t, 1.0, 1.0, 2.0)
+        training.optimizer_step(loss, opt, training.grad_scaler("cpu"))
+        losses.append(loss.item())
+    assert losses[-1] < 0.75 * losses[0]
+    assert all(p.dtype == torch.float32 for p in student.parameters())  # the weights stay float32
+
+
+def test_compute_dtype_names_a_bad_value_and_falls_back_where_bf16_is_missing(monkeypatch):
+    with pytest.raises(ValueError, match="student.cpu_dtype 'float16'"):
+        training.compute_dtype("cpu", "float16")
+    assert training.compute_dtype("cuda", "bfloat16") == "float16"
+    monkeypatch.setattr(training, "cpu_bf16_supported", lambda: False)
+    monkeypatch.setattr(training, "_BF16_WARNED", [])
+    with pytest.warns(UserWarning, match="no bfloat16 instructions"):
+        assert training.compute_dtype("cpu", "bfloat16") == "float32"
+    assert training.compute_dtype("cpu", "float32") == "float32"
+
+
 def test_flip_is_applied_to_image_and_targets_together():
     torch.manual_seed(1)
     x = torch.arange(16.0).view(1, 1, 4, 4).repeat(8, 1, 1, 1) / 16
@@ -154,6 +183,8 @@ def test_every_method_end_to_end_and_the_teacher_is_never_updated(trained_run):
     ts = next(r for r in results if r["method"] == "ts_kd")
     assert "val_dice_after_pretrain" in ts and ts["transfer_set"] == run.splits["counts"]["train"]
     assert (run.cache_dir / "targets" / "transfer_set.json").is_file()
+    # the students trained in what the profile asked for (bf16 where this CPU has it) and say so
+    assert {r["compute_dtype"] for r in results} == {training.compute_dtype("cpu", "bfloat16")}
     student = distill.load_student(run, "ts_kd")
     with torch.inference_mode():
         assert student(torch.rand(1, 1, 32, 32)).shape == (1, run.info.n_classes, 32, 32)

@@ -40,7 +40,7 @@ from .metrics import mean_foreground_dice
 from .models import Student, build_student
 from .pretrain import MAE, MoCoV3
 from .run import METHODS, Run, check_methods
-from .training import (Stage, autocast, file_digest, grad_scaler, load_weights, optimizer_step, save_weights, seeded,
+from .training import (Stage, autocast, compute_dtype, file_digest, grad_scaler, load_weights, optimizer_step, save_weights, seeded,
                        source_digest, value_digest, warmup_cosine)
 
 KD_METHODS = ("ts_kd", "ts_kd_nosyn", "ta_kd")
@@ -275,7 +275,8 @@ def pretrain(run: Run, method: str, force: bool = False, loss_fn: Optional[Calla
     hist = stage.train(modules, **_pretrain_loop(run, method, modules, images, batch_loss), validate=validate,
                        seed=run.seed_for("pretrain", method))
     info.update(method=method, transfer_set=len(images), final_loss=hist[-1]["loss"] if hist else None,
-                pretrain_seconds=round(sum(r["seconds"] for r in hist) + time.perf_counter() - t_start, 2))
+                pretrain_seconds=round(sum(r["seconds"] for r in hist) + time.perf_counter() - t_start, 2),
+                compute_dtype=compute_dtype(run.device, run.profile.student.cpu_dtype))
     if hist and "val_dice" in hist[-1]:
         info["val_dice_after_pretrain"] = hist[-1]["val_dice"]
     return info
@@ -290,6 +291,7 @@ def _pretrain_loop(run: Run, method: str, modules: dict, images: torch.Tensor, b
     sched = warmup_cosine(opt, d.warmup_epochs * n_batches, d.epochs * n_batches)
     scaler = grad_scaler(device)
     wrapper = modules.get("wrapper")
+    dtype = compute_dtype(device, run.profile.student.cpu_dtype)
 
     def epoch_fn(epoch: int) -> dict:
         for m in modules.values():
@@ -298,7 +300,7 @@ def _pretrain_loop(run: Run, method: str, modules: dict, images: torch.Tensor, b
         batches = [order[i:i + d.batch_size] for i in range(0, n - d.batch_size + 1, d.batch_size)] or [order]
         sums: dict = {}
         for k, idx in enumerate(batches):
-            with autocast(device):
+            with autocast(device, cpu_dtype=dtype):
                 loss, parts = batch_loss(images[idx].to(device), idx, epoch, k)
             optimizer_step(loss, opt, scaler, sched)
             if method == "mocov3":  # momentum rises from moco_momentum to 1 (cosine), as in MoCo v3
@@ -354,13 +356,14 @@ def finetune(run: Run, method: str, force: bool = False) -> dict:
     opt = torch.optim.AdamW(student.parameters(), lr=f.lr, weight_decay=f.weight_decay)
     sched = warmup_cosine(opt, f.warmup_epochs * max(1, len(dl)), f.epochs * max(1, len(dl)))
     scaler = grad_scaler(device)
+    dtype = compute_dtype(device, prof.student.cpu_dtype)
 
     def epoch_fn(epoch: int) -> dict:
         student.train()
         train_ds.set_epoch(epoch)
         total, count = 0.0, 0
         for batch in dl:
-            with autocast(device):
+            with autocast(device, cpu_dtype=dtype):
                 loss = segmentation_loss(student(batch["image"].to(device)), batch["mask"].to(device))
             optimizer_step(loss, opt, scaler, sched)
             total, count = total + loss.item() * len(batch["index"]), count + len(batch["index"])
@@ -372,7 +375,7 @@ def finetune(run: Run, method: str, force: bool = False) -> dict:
     save_weights(method_dir(run, method) / "student.safetensors", {"student": student},
                  {"method": method, "student": prof.student.name, "classes": json.dumps(run.info.classes)})
     return {"method": method, "finetune_seconds": round(sum(r["seconds"] for r in hist), 2),
-            "best_val_dice": max(r["val_dice"] for r in hist), "epochs": f.epochs}
+            "best_val_dice": max(r["val_dice"] for r in hist), "epochs": f.epochs, "compute_dtype": dtype}
 
 
 def run_method(run: Run, method: str, force: bool = False, loss_fn: Optional[Callable] = None) -> dict:

@@ -76,7 +76,7 @@ class MAE(nn.Module):
         n = self.student.grid ** 2
         ids_keep, mask = random_masking(b, n, self.mask_ratio, x01.device)
         latent = self.decoder_embed(self.encode_visible(x01, ids_keep))
-        full = self.mask_token.expand(b, n, -1).clone()
+        full = self.mask_token.to(latent.dtype).expand(b, n, -1).clone()  # under autocast latent is bf16/fp16
         full = full.scatter(1, ids_keep[..., None].expand(-1, -1, full.shape[-1]), latent)
         pred = self.decoder_pred(self.decoder_norm(self.decoder(full + self.decoder_pos)))
         target = patchify(x01, self.student.patch)
