@@ -275,8 +275,7 @@ def pretrain(run: Run, method: str, force: bool = False, loss_fn: Optional[Calla
     hist = stage.train(modules, **_pretrain_loop(run, method, modules, images, batch_loss), validate=validate,
                        seed=run.seed_for("pretrain", method))
     info.update(method=method, transfer_set=len(images), final_loss=hist[-1]["loss"] if hist else None,
-                pretrain_seconds=round(sum(r["seconds"] for r in hist) + time.perf_counter() - t_start, 2),
-                compute_dtype=compute_dtype(run.device, run.profile.student.cpu_dtype))
+                pretrain_seconds=round(sum(r["seconds"] for r in hist) + time.perf_counter() - t_start, 2))
     if hist and "val_dice" in hist[-1]:
         info["val_dice_after_pretrain"] = hist[-1]["val_dice"]
     return info
