@@ -29,7 +29,7 @@ from .run import Run, check_methods
 ESTIMATES = {
     "smoke": {"where": "on 2 CPU cores", "measured": True, "teacher": 0.2, "synthetic": 0.2, "students": 0.1},
     "demo": {"where": "on 2 CPU cores", "measured": True, "teacher": 4, "synthetic": 4, "students": 1.4},
-    "cpu": {"where": "on 2 CPU cores", "measured": True, "teacher": 6, "synthetic": 9, "students": 6},
+    "cpu": {"where": "on 2 CPU cores", "measured": True, "teacher": 10, "synthetic": 11.5, "students": 9},
     "colab": {"where": "on a T4 GPU", "measured": False, "teacher": 10, "synthetic": 25, "students": 10},
     "paper": {"where": "on a large GPU", "measured": False, "teacher": 60, "synthetic": 180, "students": 60},
 }
