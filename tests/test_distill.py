@@ -85,13 +85,19 @@ def test_the_teacher_never_runs_inside_a_student_epoch(trained_run, monkeypatch)
         assert distill.pretrain(run, method)["final_loss"] > 0
 
 
-def test_kd_loss_falls_on_a_fixed_batch():
+def _kd_batch():
+    """A micro student, its feature aligner, one fixed batch with teacher targets, and an optimizer."""
     torch.manual_seed(0)
     student = build_student("vit_micro", 32, 3)
     align = distill.FeatureAlign(student.embed_dim, 16)
     x = torch.rand(4, 1, 32, 32)
     emb, logits_t = torch.randn(4, 16, 8, 8), torch.randn(4, 3, 32, 32) * 3
     opt = torch.optim.AdamW(list(student.parameters()) + list(align.parameters()), lr=3e-3)
+    return student, align, x, emb, logits_t, opt
+
+
+def test_kd_loss_falls_on_a_fixed_batch():
+    student, align, x, emb, logits_t, opt = _kd_batch()
     losses = []
     for _ in range(60):
         loss, parts = distill.kd_loss(student, align, x, emb, logits_t, 1.0, 1.0, 2.0)
@@ -103,12 +109,7 @@ def test_kd_loss_falls_on_a_fixed_batch():
 
 
 def test_kd_loss_falls_under_cpu_bf16_autocast_with_float32_weights():
-    torch.manual_seed(0)
-    student = build_student("vit_micro", 32, 3)
-    align = distill.FeatureAlign(student.embed_dim, 16)
-    x = torch.rand(4, 1, 32, 32)
-    emb, logits_t = torch.randn(4, 16, 8, 8), torch.randn(4, 3, 32, 32) * 3
-    opt = torch.optim.AdamW(list(student.parameters()) + list(align.parameters()), lr=3e-3)
+    student, align, x, emb, logits_t, opt = _kd_batch()
     losses = []
     for _ in range(60):
         with training.autocast("cpu", cpu_dtype="bfloat16"):
