@@ -56,8 +56,7 @@ cfg = {"dataset": dataset, "profile": profile, "n_labeled": int(n_labeled), "see
 if (run / "config.json").is_file():
     have = json.loads((run / "config.json").read_text())
     assert all(have[k] == cfg[k] for k in ("dataset", "profile", "n_labeled", "seed", "overrides")), have
-else:
-    write(run / "config.json", json.dumps(cfg))
+write(run / "config.json", json.dumps(cfg))  # as setup_run: the profile as this code defines it
 write(run / "splits.json", json.dumps({"test": [f"c{i:02d}" for i in range(10)]}))''',
     "02_teacher_lora_finetuning": '''t_end = time.time() + float(knobs.get("sleep_02", 0))
 while time.time() < t_end:

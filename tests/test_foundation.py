@@ -184,6 +184,21 @@ def test_setup_run_writes_config_and_refuses_other_settings(tmp_path, toy_root):
         setup_run(tmp_path / "r", "smoke", "toy", toy_root, n_labeled=5, seed=3)
 
 
+def test_setup_run_records_a_changed_profile_definition(tmp_path, toy_root, capsys):
+    """A folder written under an older definition of its profile gets the definition this code runs with."""
+    setup_run(tmp_path / "r", "smoke", "toy", toy_root, n_labeled=5, seed=2)
+    cfg_path = tmp_path / "r" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    now = cfg["resolved_profile"]["teacher"]["epochs"]
+    cfg["resolved_profile"]["teacher"]["epochs"] = now + 7  # as an older version of the repository wrote it
+    cfg_path.write_text(json.dumps(cfg))
+    capsys.readouterr()
+    setup_run(tmp_path / "r", "smoke", "toy", toy_root, n_labeled=5, seed=2)
+    assert "profile 'smoke' changed since" in capsys.readouterr().out
+    again = json.loads(cfg_path.read_text())
+    assert again["resolved_profile"]["teacher"]["epochs"] == now and again["created"] == cfg["created"]
+
+
 def test_unknown_method_lists_valid_ones():
     with pytest.raises(KeyError, match="unknown method.*'tskd'.*scratch, ta_kd, ts_kd"):
         check_methods(["ts_kd", "tskd"])

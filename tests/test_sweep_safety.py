@@ -6,7 +6,8 @@ Stand-in notebooks (tests/sweep_fakes.py) make each run take seconds:
 * a run folder is locked while a sweep executes it: a second sweep refuses that run, naming the holder;
 * kernel sockets live in a private temporary folder, never in notebooks/;
 * a finished run is skipped only when the files it claims are there and whole; a truncated or deleted file makes
-  the run re-execute from the notebook that owns it, with the reason printed;
+  the run re-execute from the notebook that owns it, with the reason printed; a run finished under an older
+  definition of its profile is executed again, naming the settings that changed;
 * a requested method whose student file is missing after the run fails the run loudly;
 * a run folder made with other settings is not reused;
 * the report never averages two datasets together, and its paired comparisons equal tskd_utils.stats on the
@@ -202,6 +203,21 @@ def test_truncated_or_deleted_files_reexecute_from_their_notebook(tmp_path, fake
     code, log = _main(_args(fakes, out, "0", "ts_kd,scratch,mae"))
     assert code == 0 and "students/mae/student.safetensors is missing: re-executing from 04_distillation" in log
     assert set(pd.read_csv(run / "results.csv")["method"]) == {"teacher", "ts_kd", "scratch", "mae"}
+
+    # a run finished under an older definition of its profile (a pull changed a schedule): every notebook again
+    # (inside, the stages the change does not touch are reused), then skipped again, not executed forever
+    cfg = json.loads((run / "config.json").read_text())
+    epochs = cfg["resolved_profile"]["teacher"]["epochs"]
+    cfg["resolved_profile"]["teacher"]["epochs"] = epochs + 7
+    (run / "config.json").write_text(json.dumps(cfg))
+    n = len(fake_log(run))
+    code, log = _main(_args(fakes, out, "0", "ts_kd,scratch,mae"))
+    assert code == 0, log
+    assert (f"config.json records settings of profile 'smoke' that this version changed (teacher.epochs {epochs + 7} "
+            f"-> {epochs})") in log and "re-executing from 01_data_preparation" in log
+    assert [line.split()[0] for line in fake_log(run)[n:]] == list(reproduce.NOTEBOOKS)
+    code, log = _main(_args(fakes, out, "0", "ts_kd,scratch,mae"))
+    assert code == 0 and "finished earlier, skipped" in log
 
 
 @pytest.mark.slow

@@ -16,7 +16,9 @@
   or truncated file makes the run re-execute from the notebook that owns it, with a printed reason (a truncated
   file is kept beside, renamed ``*.corrupt-<time>``). An interrupted run is resumed (notebooks that finished are not
   re-executed, and inside a notebook every stage resumes from its last checkpoint). A run folder made with other
-  settings is never reused: the run fails with the setting that differs.
+  settings is never reused: the run fails with the setting that differs. A run finished under an older definition
+  of its profile (config.json's ``resolved_profile`` differs from what this code resolves) is executed again from
+  its first notebook, naming the settings that changed; the stages those settings do not feed are reused.
 * A run folder is locked while a sweep executes it (``.sweep.lock``): a second sweep does not wait for it, it
   refuses that run with the lock holder's host and pid and goes on with the others.
 * A failing run does not stop the others; failures are listed at the end with their error and the exit status is
@@ -251,6 +253,42 @@ def config_mismatch(run_dir: Path, wanted: dict) -> Optional[str]:
     return None
 
 
+def _flat(node, prefix: str = "") -> dict:
+    if not isinstance(node, dict):
+        return {prefix: node}
+    out = {}
+    for key, value in node.items():
+        out.update(_flat(value, f"{prefix}.{key}" if prefix else key))
+    return out
+
+
+def profile_drift(run_dir: Path, profile: str, overrides: dict) -> Optional[Problem]:
+    """The run folder's recorded settings against what ``profile`` (with ``overrides``) resolves to in this code.
+
+    A profile's definition can change between versions of the repository (a longer schedule, another default):
+    a run finished with the old definition is then not this run any more. It is re-executed from its first
+    notebook; inside, every stage whose inputs did not change is reused, so only what the change touches is
+    trained again. None when the settings are the same, or when the folder records none (older versions).
+    """
+    from .config import get_profile, profile_to_dict
+
+    path = Path(run_dir) / "config.json"
+    try:
+        have = read_json(path).get("resolved_profile")
+    except (FileNotFoundError, DataError):
+        return None
+    if not isinstance(have, dict):
+        return None
+    old, new = _flat(have), _flat(_json_norm(profile_to_dict(get_profile(profile, overrides))))
+    changed = [f"{k} {json.dumps(old.get(k))} -> {json.dumps(new.get(k))}"
+               for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    if not changed:
+        return None
+    shown = ", ".join(changed[:6]) + (f" and {len(changed) - 6} more" if len(changed) > 6 else "")
+    return Problem(NOTEBOOKS[0], path, f"records settings of profile {profile!r} that this version changed "
+                                       f"({shown}); the stages these settings feed are trained again")
+
+
 def read_status(run_dir: Path) -> dict:
     path = Path(run_dir) / "status.json"
     try:
@@ -467,7 +505,8 @@ def _run_locked(spec: RunSpec, run_dir: Path) -> dict:
         return {"state": "failed", "notebook": NOTEBOOKS[0], "error": mismatch, "notebooks": {}}
     status = read_status(run_dir)
     done = [nb for nb in NOTEBOOKS if status["notebooks"].get(nb, {}).get("state") == "done"]
-    problems = check_run(run_dir, spec.methods, done)
+    drift = profile_drift(run_dir, spec.profile, spec.overrides)
+    problems = ([drift] if drift else []) + check_run(run_dir, spec.methods, done)
     if problems:
         first = NOTEBOOKS.index(problems[0].notebook)
         for p in problems:
@@ -707,7 +746,8 @@ def sweep(profile: str, dataset: str, data_root: Path, n_labeled: Sequence[int],
             continue
         status = read_status(run_dir)
         done = [nb for nb in NOTEBOOKS if status["notebooks"].get(nb, {}).get("state") == "done"]
-        problems = check_run(run_dir, methods, done)
+        drift = profile_drift(run_dir, spec.profile, spec.overrides)
+        problems = ([drift] if drift else []) + check_run(run_dir, methods, done)
         if not problems and status.get("state") == "done" and len(done) == len(NOTEBOOKS):
             _announce_done(spec, dict(status, skipped=True), failures)
             continue

@@ -183,9 +183,14 @@ def setup_run(run_dir, profile: str = "demo", dataset: str = "phantom", data_roo
                 raise DataError(
                     f"{cfg_path} was made with {key}={have.get(key)!r}, not {wanted[key]!r}: use another "
                     f"run_dir for different settings (finished work in {run_dir} is left as it is)")
+        resolved = json.loads(json.dumps(wanted["resolved_profile"]))
         if have.get("overrides") != overrides:
             print(f"note: the settings of {run_dir} changed ({have.get('overrides')} -> {overrides}); stages "
                   f"that read a changed setting will be recomputed")
+        elif "resolved_profile" in have and have["resolved_profile"] != resolved:
+            print(f"note: profile {profile!r} changed since {cfg_path} was written (this version of the repository "
+                  f"defines it otherwise); stages that read a changed setting will be recomputed")
+        if have.get("overrides") != overrides or have.get("resolved_profile", resolved) != resolved:
             write_json(cfg_path, {**wanted, "created": have.get("created", wanted["created"])})
     if prepare:
         ensure_dataset(dataset, data_root, phantom_cases=prof.data.phantom_cases)
