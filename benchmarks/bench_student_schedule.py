@@ -11,6 +11,10 @@ the run's config, split, teacher, synthetic images, cached teacher targets and t
 are copied there, so the finished run is never written to. Stages whose inputs a variant does not change are
 reused (a fine-tuning variant reuses the pretrained student; a distillation variant re-pretrains from the cached
 targets). The first row of each method is the run as it was, read from its logs.
+
+For ts_kd and ts_kd_nosyn the table also gives the student's agreement with its teacher (Dice between their masks) on
+the transfer set's real unlabeled and synthetic images, after distillation and after fine-tuning: whether the
+student underfits its teacher on its own training images, and what fine-tuning on the labels does to that.
 """
 
 from __future__ import annotations
@@ -55,6 +59,43 @@ def after_distill(log: Path):
     return df["val_dice"].iloc[-1] if df is not None and "val_dice" in df else None
 
 
+def teacher_agreement(run, weights: Path) -> dict:
+    """Dice between the student's masks and its teacher's (the cached targets' argmax) on the transfer set it was
+    distilled on, real unlabeled and synthetic images apart: a student that cannot reproduce its teacher on its own
+    training images underfits (capacity, schedule); one that does but loses on validation does not generalise."""
+    import numpy as np
+    import torch
+
+    from tskd_utils.distill import new_student, teacher_targets
+    from tskd_utils.features import images_to_tensor
+    from tskd_utils.metrics import mean_foreground_dice
+    from tskd_utils.training import load_weights
+
+    tg = teacher_targets(run, synthetic=True, kinds=("ts",))
+    student = new_student(run)
+    load_weights(weights, {"student": student})
+    student.eval()
+    x, bs = images_to_tensor(tg["images"], run.device), run.profile.finetune.batch_size
+    with torch.inference_mode():
+        pred = torch.cat([student(x[i:i + bs]).argmax(1).cpu() for i in range(0, len(x), bs)])
+    dice = mean_foreground_dice(pred, tg["logits_ts"].float().argmax(1), run.info.n_classes).numpy()
+    synthetic = np.array(tg["synthetic"], dtype=bool)
+    unlabeled = ~synthetic & np.array([n not in set(run.splits["labeled"]) for n in tg["names"]])
+    return {"agree_unlabeled": float(dice[unlabeled].mean()),
+            "agree_synthetic": float(dice[synthetic].mean()) if synthetic.any() else float("nan")}
+
+
+def agreements(run, weights_dir: Path, method: str) -> dict:
+    """teacher_agreement after distillation and after fine-tuning (methods that learn the teacher's masks)."""
+    if method not in ("ts_kd", "ts_kd_nosyn"):
+        return {}
+    out = {}
+    for when, path in (("distilled", weights_dir / "pretrain" / "final.safetensors"),
+                       ("finetuned", weights_dir / "student.safetensors")):
+        out.update({f"{k}_{when}": v for k, v in teacher_agreement(run, path).items()})
+    return out
+
+
 def curve(log: Path) -> dict:
     df = pd.read_csv(log)
     return {"best_val": df["val_dice"].max(), "final_val": df["val_dice"].iloc[-1],
@@ -74,11 +115,16 @@ def main() -> None:
     variants = [parse_variant(v) for v in args.variant]
     methods = check_methods(args.methods.split(","))
     base = load_run(args.run_dir)
+    ref = args.out / "as_run"  # a copy: the agreement reads the cached targets, and the run is never written to
+    copy_run(base.dir, ref, methods)
+    ref_run = setup_run(ref, base.profile.name, base.dataset, base.data_root, base.n_labeled, base.seed, base.overrides)
     rows = []
     for m in methods:
         rows.append({"variant": "as run", "method": m,
                      "val_after_distill": after_distill(method_dir(base, m) / "pretrain" / "log.csv"),
-                     **curve(method_dir(base, m) / "finetune" / "log.csv")})
+                     **curve(method_dir(base, m) / "finetune" / "log.csv"),
+                     **agreements(ref_run, method_dir(base, m), m)})
+        print(rows[-1], flush=True)
     for name, overrides in variants:
         dst = args.out / name
         copy_run(base.dir, dst, methods)
@@ -90,13 +136,15 @@ def main() -> None:
             rows.append({"variant": name, "method": m,
                          "val_after_distill": after_distill(method_dir(run, m) / "pretrain" / "log.csv"),
                          **curve(method_dir(run, m) / "finetune" / "log.csv"),
-                         "wall_seconds": time.perf_counter() - t0})
+                         "wall_seconds": time.perf_counter() - t0, **agreements(run, method_dir(run, m), m)})
             print(rows[-1], flush=True)
     table = pd.DataFrame(rows)
     args.out.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out / "schedule.csv", index=False)
     print(f"{base.dataset}, n_labeled {base.n_labeled}, seed {base.seed}: validation Dice ({len(base.splits['val'])} cases)")
-    cols = ["variant", "method", "val_after_distill", "best_val", "final_val", "worst_val", "seconds"]
+    cols = ["variant", "method", "val_after_distill", "best_val", "final_val", "worst_val", "seconds"] + [
+        c for c in ("agree_unlabeled_distilled", "agree_synthetic_distilled", "agree_unlabeled_finetuned",
+                    "agree_synthetic_finetuned") if c in table]
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for _, r in table.iterrows():
         print("| " + " | ".join(f"{r[c]:.4f}" if isinstance(r[c], float) and c != "seconds" else
