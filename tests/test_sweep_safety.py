@@ -10,8 +10,8 @@ Stand-in notebooks (tests/sweep_fakes.py) make each run take seconds:
   definition of its profile is executed again, naming the settings that changed;
 * a requested method whose student file is missing after the run fails the run loudly;
 * a run folder made with other settings is not reused;
-* the report never averages two datasets together, and its paired comparisons equal tskd_utils.stats on the
-  runs' per-case tables.
+* the report never averages two datasets together, nor runs made under two definitions of a profile, leaves out a
+  run that is not finished, and its paired comparisons equal tskd_utils.stats on the runs' per-case tables.
 """
 
 from __future__ import annotations
@@ -266,6 +266,27 @@ def test_report_never_averages_two_datasets(tmp_path):
     assert f"| teacher | {teacher.mean():.3f} ± {teacher.std():.3f} |" in alpha
     beta = report.split("## beta")[1].split("### Dice\n")[1].split("###")[0]
     assert "| 2 | teacher |" in beta and "| 3 | teacher |" in beta  # the smoke profile's 2 epochs, and 3
+
+
+def test_report_never_pools_an_older_profile_definition_or_an_unfinished_run(tmp_path):
+    out = tmp_path / "runs"
+    write_fake_run(out, "alpha", 10, 0)
+    old = write_fake_run(out, "alpha", 10, 1, shift=-0.3)  # seed 1 made when the profile trained 7 teacher epochs
+    cfg = json.loads((old / "config.json").read_text())
+    epochs = cfg["resolved_profile"]["teacher"]["epochs"]
+    cfg["resolved_profile"]["teacher"]["epochs"] = 7
+    (old / "config.json").write_text(json.dumps(cfg))
+    busy = write_fake_run(out, "alpha", 10, 2, shift=-0.5)  # executing again: its results.csv is an earlier one
+    status = json.loads((busy / "status.json").read_text())
+    (busy / "status.json").write_text(json.dumps(dict(status, state="stale")))
+    reproduce.aggregate(out, profile="smoke")
+    results = pd.read_csv(out / "results.csv")
+    assert sorted(results["seed"].unique()) == [0, 1]  # seed 2 left out
+    assert "alpha_n10_s2 left out: not finished (state stale)" in (out / "report.md").read_text()
+    assert "teacher.epochs" in results.columns
+    assert dict(results.groupby("seed")["teacher.epochs"].first()) == {0: epochs, 1: 7}
+    paired = pd.read_csv(out / "paired.csv")
+    assert set(paired["n_seeds"]) == {1}  # never pooled over the two definitions
 
 
 def test_paired_comparisons_in_the_report_equal_stats(tmp_path):

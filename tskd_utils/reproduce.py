@@ -25,7 +25,7 @@
   non-zero. A requested method whose student file is missing after the run is a failure, not a missing row.
 * Runs execute here one after another (``--executor local``), as Ray tasks (``ray``) or as a SLURM array job through
   submitit (``slurm``); see docs/cluster.md.
-* All runs in RUNS are aggregated into ``RUNS/results.csv`` (one column per grid axis after the conventions'
+* All finished runs in RUNS (a run executing again is left out, with a note) are aggregated into ``RUNS/results.csv`` (one column per grid axis after the conventions'
   columns), ``RUNS/paired.csv`` (ts_kd against every other method, paired over test cases and seeds) and
   ``RUNS/report.md`` (see :mod:`tskd_utils.sweep_report`).
 """

@@ -1,8 +1,9 @@
 """The sweep's report: RUNS/results.csv, RUNS/paired.csv and RUNS/report.md from every finished run in RUNS.
 
-* ``results.csv``: every run's rows (conventions.md's columns), then one column per grid axis. A setting that was
-  given to some runs of this folder with another value (an earlier sweep's ``--set`` or ``--grid``) becomes a
-  column too, so two experiments are never averaged together.
+* ``results.csv``: every finished run's rows (conventions.md's columns), then one column per grid axis. A setting
+  that was given to some runs of this folder with another value (an earlier sweep's ``--set`` or ``--grid``, or a
+  profile that an older version of the repository defined otherwise) becomes a column too, so two experiments are
+  never averaged together. A run that is not finished (executing again after a change) is left out, with a note.
 * ``report.md``: one section per (dataset, profile); inside it, rows are split by every axis. Dice / IoU / HD95 against
   n_labeled (mean ± sd over seeds), for each grid axis a table and a plot of Dice against the setting (one line per
   method, mean and 95% t-interval over seeds), the paired comparisons of ts_kd against every other method, the
@@ -101,6 +102,16 @@ def collect(out: Path):
         if not f.is_file():
             continue
         try:
+            state = read_json(d / "status.json").get("state")
+        except FileNotFoundError:  # notebooks run by hand, without the sweep: their results.csv is all there is
+            state = "done"
+        except DataError:
+            state = "unreadable"
+        if state != "done":  # a run executing again (after a change, a damaged file) keeps its old results.csv
+            notes.append(f"{d.name} left out: not finished (state {state}); its results.csv is from an earlier "
+                         f"execution")
+            continue
+        try:
             df = pd.read_csv(f)
             missing = [c for c in RESULT_COLUMNS if c not in df.columns]
             if missing:
@@ -116,16 +127,28 @@ def collect(out: Path):
     return runs, notes
 
 
+def _profile_keys(node, prefix: str = "") -> set:
+    if not isinstance(node, dict):
+        return {prefix}
+    return {k for key, value in node.items() if not (not prefix and key in ("name", "description"))
+            for k in _profile_keys(value, f"{prefix}.{key}" if prefix else key)}
+
+
 def find_axes(runs: list, axes: Sequence[str] = ()) -> list[str]:
-    """The sweep's grid axes, then every other setting that differs between runs of one dataset and profile."""
+    """The sweep's grid axes, then every other setting that differs between runs of one dataset and profile: one
+    given with ``--set``, or one that the profile itself defined otherwise when an older run was made."""
     found = list(dict.fromkeys(axes))
-    keys = sorted({k for r in runs for k in (r["config"].get("overrides") or {})} - set(found))
+    given = {k for r in runs for k in (r["config"].get("overrides") or {})}
+    keys = sorted(given | {k for r in runs for k in _profile_keys(r["config"].get("resolved_profile") or {})})
+    keys = [k for k in keys if k not in found]
     groups: dict = {}
     for r in runs:
         c = r["config"]
         groups.setdefault((c.get("dataset"), c.get("profile")), []).append(c)
     for key in keys:
-        if any(len({json.dumps(_setting(c, key), sort_keys=True) for c in cfgs}) > 1 for cfgs in groups.values()):
+        # a run that records no resolved profile (an old or hand-made folder) makes no profile setting an axis
+        if any(len({json.dumps(_setting(c, key), sort_keys=True) for c in cfgs
+                    if key in given or c.get("resolved_profile")}) > 1 for cfgs in groups.values()):
             found.append(key)
     return found
 
