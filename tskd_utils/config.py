@@ -355,6 +355,16 @@ def profile_to_dict(profile: Profile) -> dict:
     return asdict(profile)
 
 
+def flat_settings(node, prefix: str = "") -> dict:
+    """A profile as a dict (nested, as in config.json's ``resolved_profile``) -> ``{"section.key": value}``."""
+    if not isinstance(node, dict):
+        return {prefix: node}
+    out = {}
+    for key, value in node.items():
+        out.update(flat_settings(value, f"{prefix}.{key}" if prefix else key))
+    return out
+
+
 def profile_from_dict(d: dict) -> Profile:
     def build(cls, values):
         kwargs = {}

@@ -253,15 +253,6 @@ def config_mismatch(run_dir: Path, wanted: dict) -> Optional[str]:
     return None
 
 
-def _flat(node, prefix: str = "") -> dict:
-    if not isinstance(node, dict):
-        return {prefix: node}
-    out = {}
-    for key, value in node.items():
-        out.update(_flat(value, f"{prefix}.{key}" if prefix else key))
-    return out
-
-
 def profile_drift(run_dir: Path, profile: str, overrides: dict) -> Optional[Problem]:
     """The run folder's recorded settings against what ``profile`` (with ``overrides``) resolves to in this code.
 
@@ -270,7 +261,7 @@ def profile_drift(run_dir: Path, profile: str, overrides: dict) -> Optional[Prob
     notebook; inside, every stage whose inputs did not change is reused, so only what the change touches is
     trained again. None when the settings are the same, or when the folder records none (older versions).
     """
-    from .config import get_profile, profile_to_dict
+    from .config import flat_settings, get_profile, profile_to_dict
 
     path = Path(run_dir) / "config.json"
     try:
@@ -279,7 +270,7 @@ def profile_drift(run_dir: Path, profile: str, overrides: dict) -> Optional[Prob
         return None
     if not isinstance(have, dict):
         return None
-    old, new = _flat(have), _flat(_json_norm(profile_to_dict(get_profile(profile, overrides))))
+    old, new = flat_settings(have), flat_settings(_json_norm(profile_to_dict(get_profile(profile, overrides))))
     changed = [f"{k} {json.dumps(old.get(k))} -> {json.dumps(new.get(k))}"
                for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     if not changed:

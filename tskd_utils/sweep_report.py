@@ -127,19 +127,15 @@ def collect(out: Path):
     return runs, notes
 
 
-def _profile_keys(node, prefix: str = "") -> set:
-    if not isinstance(node, dict):
-        return {prefix}
-    return {k for key, value in node.items() if not (not prefix and key in ("name", "description"))
-            for k in _profile_keys(value, f"{prefix}.{key}" if prefix else key)}
-
-
 def find_axes(runs: list, axes: Sequence[str] = ()) -> list[str]:
     """The sweep's grid axes, then every other setting that differs between runs of one dataset and profile: one
     given with ``--set``, or one that the profile itself defined otherwise when an older run was made."""
     found = list(dict.fromkeys(axes))
     given = {k for r in runs for k in (r["config"].get("overrides") or {})}
-    keys = sorted(given | {k for r in runs for k in _profile_keys(r["config"].get("resolved_profile") or {})})
+    from .config import flat_settings
+
+    keys = sorted(given | {k for r in runs for k in flat_settings(r["config"].get("resolved_profile") or {})
+                           if k not in ("name", "description")})
     keys = [k for k in keys if k not in found]
     groups: dict = {}
     for r in runs:
