@@ -1,7 +1,8 @@
 """Benchmark scripts: the transfer-set ablation's report (bench_transfer_set.py --from-csv), the student-schedule variants
 (bench_student_schedule.py: variants parse or fail with a clear message, and a variant's folder is a copy, so training a
 variant never writes into the finished run it starts from) and the teacher variants (bench_teacher_variants.py, on the
-smoke profile: a variant trains beside the run, reuses what its settings leave unchanged, and the run is only read)."""
+smoke profile: a variant trains beside the run, reuses what its settings leave unchanged, and the run is only read), and
+the post-processing benchmark's largest-component step (bench_postprocess.py)."""
 
 from __future__ import annotations
 
@@ -130,3 +131,28 @@ def test_teacher_variants_train_beside_the_run_and_never_write_into_it(smoke_run
     monkeypatch.setattr(sys, "argv", ["bench_teacher_variants.py", "--run-dir", str(smoke_run.dir), "--out", str(out)])
     with pytest.raises(SystemExit, match="--variant"):
         _bench("bench_teacher_variants").main()
+
+
+def test_postprocess_keeps_each_class_largest_component_and_scores_like_notebook_05():
+    from tskd_utils.metrics import case_metrics
+
+    bench = _bench("bench_postprocess")
+    labels = np.zeros((40, 40), np.uint8)
+    labels[2:20, 2:20] = 1          # the head, with a hole
+    labels[8:11, 8:11] = 0
+    labels[30:33, 30:33] = 1        # a stray blob of the same class: removed
+    labels[25:35, 2:12] = 2         # another class's only object: kept
+    labels[36:38, 20:22] = 2        # and its stray blob: removed
+    largest = bench.postprocess(labels, 3, "largest")
+    assert largest[30:33, 30:33].sum() == 0 and largest[36:38, 20:22].sum() == 0
+    assert (largest[25:35, 2:12] == 2).all() and largest[8:11, 8:11].sum() == 0
+    filled = bench.postprocess(labels, 3, "largest+fill")
+    assert (filled[2:20, 2:20] == 1).all() and filled[30:33, 30:33].sum() == 0
+    assert bench.postprocess(labels, 3, "raw") is labels
+    # its fast Dice is notebook 05's (MONAI's), empty-mask rule included
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        pred, mask = rng.integers(0, 3, (30, 30)).astype(np.uint8), rng.integers(0, 3, (30, 30)).astype(np.uint8)
+        assert bench.dice_of(pred, mask, 3) == pytest.approx(np.mean(case_metrics(pred, mask, 3)["dice"]), abs=1e-6)
+    empty = np.zeros((8, 8), np.uint8)
+    assert bench.dice_of(empty, empty, 2) == 1.0 and bench.dice_of(labels[:8, :8] * 0 + 1, empty, 2) == 0.0
