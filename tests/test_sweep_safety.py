@@ -219,6 +219,14 @@ def test_truncated_or_deleted_files_reexecute_from_their_notebook(tmp_path, fake
     code, log = _main(_args(fakes, out, "0", "ts_kd,scratch,mae"))
     assert code == 0 and "finished earlier, skipped" in log
 
+    # the profile's words are not its settings: an edited description (or name spelling) re-runs nothing
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["resolved_profile"]["description"] = "an older wording of the profile's description"
+    (run / "config.json").write_text(json.dumps(cfg))
+    n = len(fake_log(run))
+    code, log = _main(_args(fakes, out, "0", "ts_kd,scratch,mae"))
+    assert code == 0 and "finished earlier, skipped" in log and len(fake_log(run)) == n, log
+
 
 @pytest.mark.slow
 def test_missing_student_after_the_run_fails_loudly(tmp_path, fakes):

@@ -355,13 +355,18 @@ def profile_to_dict(profile: Profile) -> dict:
     return asdict(profile)
 
 
+LABEL_KEYS = ("name", "description")  # a profile's words, not its settings: no result depends on them
+
+
 def flat_settings(node, prefix: str = "") -> dict:
-    """A profile as a dict (nested, as in config.json's ``resolved_profile``) -> ``{"section.key": value}``."""
+    """A profile's settings, from the nested dict of config.json's ``resolved_profile``, as ``{"section.key":
+    value}``; its name and description (LABEL_KEYS) are left out: no result depends on them."""
     if not isinstance(node, dict):
         return {prefix: node}
     out = {}
     for key, value in node.items():
-        out.update(flat_settings(value, f"{prefix}.{key}" if prefix else key))
+        if prefix or key not in LABEL_KEYS:
+            out.update(flat_settings(value, f"{prefix}.{key}" if prefix else key))
     return out
 
 

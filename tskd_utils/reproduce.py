@@ -270,7 +270,8 @@ def profile_drift(run_dir: Path, profile: str, overrides: dict) -> Optional[Prob
         return None
     if not isinstance(have, dict):
         return None
-    old, new = flat_settings(have), flat_settings(_json_norm(profile_to_dict(get_profile(profile, overrides))))
+    old = flat_settings(have)  # an edited description re-runs nothing
+    new = flat_settings(_json_norm(profile_to_dict(get_profile(profile, overrides))))
     changed = [f"{k} {json.dumps(old.get(k))} -> {json.dumps(new.get(k))}"
                for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     if not changed:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Optional
 
 from . import __version__
-from .config import Profile, get_profile, profile_to_dict, resolve_device
+from .config import Profile, flat_settings, get_profile, profile_to_dict, resolve_device
 from .data import make_splits
 from .datasets import ensure_dataset
 from .environment import record as record_environment
@@ -187,7 +187,7 @@ def setup_run(run_dir, profile: str = "demo", dataset: str = "phantom", data_roo
         if have.get("overrides") != overrides:
             print(f"note: the settings of {run_dir} changed ({have.get('overrides')} -> {overrides}); stages "
                   f"that read a changed setting will be recomputed")
-        elif "resolved_profile" in have and have["resolved_profile"] != resolved:
+        elif "resolved_profile" in have and flat_settings(have["resolved_profile"]) != flat_settings(resolved):
             print(f"note: profile {profile!r} changed since {cfg_path} was written (this version of the repository "
                   f"defines it otherwise); stages that read a changed setting will be recomputed")
         if have.get("overrides") != overrides or have.get("resolved_profile", resolved) != resolved:

@@ -134,8 +134,8 @@ def find_axes(runs: list, axes: Sequence[str] = ()) -> list[str]:
     given = {k for r in runs for k in (r["config"].get("overrides") or {})}
     from .config import flat_settings
 
-    keys = sorted(given | {k for r in runs for k in flat_settings(r["config"].get("resolved_profile") or {})
-                           if k not in ("name", "description")})
+    keys = sorted(given | set().union(*[flat_settings(r["config"].get("resolved_profile") or {})
+                                         for r in runs]))
     keys = [k for k in keys if k not in found]
     groups: dict = {}
     for r in runs:
