@@ -71,7 +71,7 @@ def dice_of(pred: np.ndarray, mask: np.ndarray, n_classes: int) -> float:
 def distilled_student(run, method: str):
     """``method``'s student as distillation left it, before fine-tuning on any label (its pretraining checkpoint)."""
     from tskd_utils.distill import method_dir, new_student
-    from tskd_utils.io import load_weights
+    from tskd_utils.training import load_weights
 
     student = new_student(run)
     load_weights(method_dir(run, method) / "pretrain" / "final.safetensors", {"student": student})
