@@ -1,6 +1,6 @@
 """Inference speed on CPU: the student in torch and in onnxruntime, against the teacher in torch.
 
-    python benchmarks/bench_inference.py [--profile demo] [--students vit_mini:128,vit_tiny:256]
+    python benchmarks/bench_inference.py [--profile demo] [--students unet_s:128,unet_s:256,vit_mini:128,vit_tiny:256]
                                          [--run RUN_DIR --method ts_kd] [--threads N]
 
 Without ``--run`` the models are built from the profile with random weights (speed does not depend
@@ -139,7 +139,7 @@ def table(rows: list[dict], batches) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--profile", default="demo")
-    ap.add_argument("--students", default="vit_mini:128,vit_tiny:256", help="name:input size, comma-separated")
+    ap.add_argument("--students", default="unet_s:128,unet_s:256,vit_mini:128,vit_tiny:256", help="name:input size, comma-separated")
     ap.add_argument("--run", type=Path, default=None, help="time this run's trained models instead")
     ap.add_argument("--method", default="ts_kd")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])

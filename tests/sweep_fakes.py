@@ -129,7 +129,7 @@ def fake_log(run_dir: Path) -> list[str]:
 
 
 BASE = {"teacher": 0.80, "teacher_frozen": 0.6, "ts_kd": 0.72, "ts_kd_nosyn": 0.70, "ta_kd": 0.55, "mae": 0.71,
-        "mocov3": 0.6, "scratch": 0.5}
+        "mocov3": 0.6, "scratch": 0.5, "unet_supervised": 0.74}
 
 
 def write_fake_run(out: Path, dataset: str, n_labeled: int, seed: int, settings: dict | None = None,

@@ -154,9 +154,10 @@ def test_mae_masks_the_stated_ratio_and_learns():
     assert pred.shape == (4, 64, 16) and m.shape == (4, 64) and loss.item() > 0
 
 
-def test_mocov3_momentum_encoder_gets_no_gradients_and_follows_ema():
+@pytest.mark.parametrize("name", ["vit_micro", "unet_xs"])
+def test_mocov3_momentum_encoder_gets_no_gradients_and_follows_ema(name):
     torch.manual_seed(0)
-    moco = pretrain.MoCoV3(build_student("vit_micro", 32, 2), dim=8, hidden=16)
+    moco = pretrain.MoCoV3(build_student(name, 32, 2), dim=8, hidden=16)
     v1, v2 = torch.rand(4, 1, 32, 32), torch.rand(4, 1, 32, 32)
     loss = moco(v1, v2)
     loss.backward()
@@ -204,5 +205,134 @@ def test_a_resumed_pretraining_stage_continues_where_it_stopped(trained_run, mon
 
 
 def test_unknown_method_is_refused(trained_run):
-    with pytest.raises(KeyError, match="valid methods: scratch, ta_kd, ts_kd, ts_kd_nosyn, mae, mocov3"):
+    with pytest.raises(KeyError, match="valid methods: scratch, ta_kd, ts_kd, ts_kd_nosyn, mae, mocov3, unet_supervised"):
         distill.run_method(trained_run, "distill_all")
+
+
+def _old_output_loss(student_logits, teacher_logits, temperature):
+    """The output loss before the class-keeping terms: KL + Dice-CE pooled over the batch on the teacher's labels."""
+    import torch.nn.functional as F
+
+    from tskd_utils.losses import segmentation_loss
+
+    t = temperature
+    kl = F.kl_div(F.log_softmax(student_logits / t, 1), F.softmax(teacher_logits / t, 1), reduction="none")
+    return kl.sum(1).mean() * t * t + segmentation_loss(student_logits, teacher_logits.argmax(1))
+
+
+def test_the_output_loss_keeps_a_minority_class_that_the_old_loss_drops():
+    """A student that cannot tell apart the pixels of a thin class from the background around them (one input
+    value for both, 30 % of them the class): pixel-mean losses are lowest calling them all background, and the
+    class is lost; with class-balanced CE and per-image Dice the student draws it (and keeps the other class)."""
+    import torch.nn.functional as F
+
+    from tskd_utils.losses import output_loss
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.zeros(4, 32, 32, dtype=torch.long)
+    ids[:, :8] = 1  # class 1: its own input value, easy
+    ambiguous = torch.rand(4, 32, 32, generator=g) < 0.4
+    ambiguous[:, :8] = False
+    ids[ambiguous] = 2
+    labels = (ids == 1).long()
+    labels[(torch.rand(4, 32, 32, generator=g) < 0.3) & ambiguous] = 2  # the teacher's minority class
+    teacher_logits = F.one_hot(labels, 3).permute(0, 3, 1, 2).float() * 6.0
+    x = F.one_hot(ids, 3).permute(0, 3, 1, 2).float()
+
+    def train(loss_fn):
+        torch.manual_seed(0)
+        model = torch.nn.Conv2d(3, 3, 1)  # a per-pixel student: it sees only the input value
+        opt = torch.optim.Adam(model.parameters(), lr=0.05)
+        for _ in range(300):
+            loss = loss_fn(model(x), teacher_logits, 2.0)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            return model(x).argmax(1)
+
+    old, new = train(_old_output_loss), train(output_loss)
+    assert int((old == 2).sum()) == 0  # the old loss lost the class
+    dice = 2 * float(((new == 2) & (labels == 2)).sum()) / float((new == 2).sum() + (labels == 2).sum())
+    assert dice > 0.4  # the best a per-pixel student can do here: 2 * 0.3 / 1.3 = 0.46
+    assert torch.equal(new == 1, labels == 1)
+
+
+def test_class_terms_ignore_a_class_the_teacher_does_not_find():
+    from tskd_utils.losses import balanced_cross_entropy, class_dice_loss
+
+    labels = torch.zeros(2, 8, 8, dtype=torch.long)
+    labels[:, 2:5, 2:5] = 1  # class 2 nowhere
+    perfect = torch.nn.functional.one_hot(labels, 3).permute(0, 3, 1, 2).float() * 20
+    assert class_dice_loss(perfect, labels).item() < 1e-3
+    assert balanced_cross_entropy(perfect, labels).item() < 1e-3
+    assert class_dice_loss(perfect, torch.zeros_like(labels)).item() == 0.0  # nothing to ask of the student
+
+
+def test_the_unet_student_is_a_third_of_the_teacher_and_matches_it_at_its_stride():
+    from tskd_utils.models import SegHead, build_teacher, student_feature_grid
+
+    teacher = build_teacher("litemedsam", 256, pretrained=False)
+    head = SegHead(teacher.embed_dim, 3, teacher.grid, 256, 64)
+    n_teacher = sum(p.numel() for m in (teacher, head) for p in m.parameters())
+    for size in (128, 256):  # demo and cpu
+        grid = student_feature_grid("unet_s", size, "litemedsam", 256)
+        assert grid == teacher.grid  # the teacher's 64x64 embedding, in the student's frame
+        student = build_student("unet_s", size, 3, feature_grid=grid)
+        assert sum(p.numel() for p in student.parameters()) <= n_teacher / 3
+        features, logits = student.forward_with_features(torch.rand(2, 1, size, size))
+        assert features.shape == (2, student.embed_dim, 64, 64) and logits.shape == (2, 3, size, size)
+    with pytest.raises(ValueError, match="no decoder level has a 24x24 map"):
+        build_student("unet_s", 256, 3, feature_grid=24)
+
+
+def test_masked_image_modelling_of_the_unet_student_masks_the_ratio_and_learns():
+    torch.manual_seed(0)
+    student = build_student("unet_xs", 32, 2)
+    mim = pretrain.build_mim(student, 0.5, 16, 1)
+    assert isinstance(mim, pretrain.MaskedUNet)
+    x = torch.rand(4, 1, 32, 32)
+    loss, recon, pix = mim(x)
+    assert recon.shape == (4, 1, 32, 32) and torch.all(pix.mean((1, 2, 3)) == 0.5)
+    opt = torch.optim.Adam(mim.parameters(), lr=3e-3)
+    first = loss.item()
+    for _ in range(40):
+        torch.manual_seed(1)  # the same mask every step: the loss can only fall by learning
+        loss = mim(x)[0]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.7 * first
+
+
+def test_a_class_lost_in_distillation_stops_the_stage(trained_run):
+    import json
+
+    run = trained_run
+    student = distill.new_student(run)
+    with torch.no_grad():  # a student that calls everything background
+        student.classifier.bias.copy_(torch.tensor([50.0] + [-50.0] * (run.info.n_classes - 1)))
+    run.profile.distill.lost_class = "error"
+    (distill.method_dir(run, "ts_kd") / "pretrain").mkdir(parents=True, exist_ok=True)
+    teacher_labels = distill.teacher_val_labels(run)
+    found = [c for k, c in enumerate(run.info.classes) if k > 0 and bool((teacher_labels == k).any())]
+    assert found  # the (smoke-trained) teacher finds at least one class on validation
+    with pytest.raises(distill.LostClassError, match=f"never predicts {', '.join(found)} on the"):
+        distill.check_classes(run, "ts_kd", student)
+    record = json.loads((distill.method_dir(run, "ts_kd") / "pretrain" / "class_check.json").read_text())
+    assert record["lost"] == found
+    run.profile.distill.lost_class = "warn"
+    assert distill.check_classes(run, "ts_kd", student)["lost"] == found
+
+
+def test_unet_supervised_keeps_its_architecture_whatever_the_student(tmp_path, toy_root):
+    from tskd_utils.models import SupervisedUNet
+    from tskd_utils.run import setup_run
+
+    for name in ("vit_micro", "unet_xs"):
+        run = setup_run(tmp_path / name, profile="smoke", dataset="toy", data_root=toy_root, n_labeled=6, seed=0,
+                        overrides={"student.name": name})
+        info = distill.run_method(run, "unet_supervised")
+        assert info["pretrain_seconds"] == 0 and info["steps"] == 6  # profile.supervised: 2 epochs x 3 batches
+        model = distill.load_student(run, "unet_supervised")
+        assert isinstance(model, SupervisedUNet) and model.net.channels == SupervisedUNet.CHANNELS

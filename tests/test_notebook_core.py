@@ -63,8 +63,9 @@ def test_notebook_04_kd_loss_is_the_packages():
     from tskd_utils.models import build_student
 
     ns = _core("04_distillation", {"torch": torch, "F": torch.nn.functional,
-                                    "segmentation_loss": losses.segmentation_loss})
-    student = build_student("vit_micro", 32, 3, 16, seed=0)
+                                    "balanced_cross_entropy": losses.balanced_cross_entropy,
+                                    "class_dice_loss": losses.class_dice_loss})
+    student = build_student("unet_xs", 32, 3, seed=0, feature_grid=8)
     align = distill.FeatureAlign(student.embed_dim, 16)
     torch.manual_seed(0)
     x, emb, logits = torch.rand(2, 1, 32, 32), torch.randn(2, 16, 8, 8), torch.randn(2, 3, 32, 32)

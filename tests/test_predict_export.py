@@ -325,7 +325,7 @@ def test_the_model_card_states_data_licence_metrics_speed_and_use(run, exported)
     out, record = exported
     card = (out / CARD_NAME).read_text()
     for text in ("not for clinical use", "**toy**", "**CC0-1.0**", "n_labeled 6", "seed 0", "profile `smoke`",
-                 "`tiny` image encoder", "LoRA r=4", "`vit_micro`", f"{record['params']:,} parameters",
+                 "`tiny` image encoder", "LoRA r=4", "`unet_xs`", f"{record['params']:,} parameters",
                  "0 = background, 1 = ring, 2 = core", "SIZE = 32"):
         assert text in card, text
     summary = json.loads((run.metrics_dir / "summary.json").read_text())["methods"]["ts_kd"]

@@ -34,16 +34,18 @@ from tqdm.auto import tqdm
 
 from .data import SegmentationDataset, letterbox, loader
 from .features import FeatureCache, images_to_tensor, run_suffix, teacher_inputs, teacher_prefix
-from .io import DataError, read_image, read_json, safe_join, write_json
+from .io import DataError, read_image, read_json, read_mask, safe_join, write_json
 from .losses import kd_loss, segmentation_loss
 from .metrics import mean_foreground_dice
-from .models import Student, build_student
-from .pretrain import MAE, MoCoV3
+from .models import build_student, build_supervised_unet, student_feature_grid
+from .pretrain import MoCoV3, build_mim
 from .run import METHODS, Run, check_methods
 from .training import (Stage, autocast, compute_dtype, file_digest, grad_scaler, load_weights, optimizer_step, save_weights, seeded,
                        source_digest, value_digest, warmup_cosine)
 
 KD_METHODS = ("ts_kd", "ts_kd_nosyn", "ta_kd")
+SUPERVISED = "unet_supervised"  # the practitioner's U-Net on the labels only: no pretraining, its own architecture
+NO_PRETRAINING = ("scratch", SUPERVISED)
 TARGETS_VERSION = 2  # bump when what a cached target file holds changes
 
 
@@ -79,9 +81,9 @@ def _synthetic_digest(run: Run) -> str:
 
 
 def student_grid(run: Run) -> int:
-    from .models import STUDENTS
-
-    return run.profile.data.image_size // STUDENTS[run.profile.student.name]["patch_size"]
+    """The grid of the student's feature map that KD matches (ViT: its tokens; U-Net: the teacher's stride)."""
+    p = run.profile
+    return student_feature_grid(p.student.name, p.data.image_size, p.teacher.name, p.teacher.input_size)
 
 
 def _compute_targets(run: Run, todo: list, keys, names, boxed, valid, flags, out_dir: Path, grid: int) -> None:
@@ -134,6 +136,8 @@ def teacher_targets(run: Run, synthetic: bool = True, kinds: Sequence[str] = ("t
     todo = [i for i, k in enumerate(keys) if not FeatureCache(out_dir).path(k).is_file()]
     if todo:
         _compute_targets(run, todo, keys, names, boxed, valid, flags, out_dir, grid)
+    if "ts" in kinds:
+        teacher_val_labels(run)  # for the per-class check after distillation (check_classes)
     fields = [f for k in kinds for f in {"ts": ("emb_ts", "logits_ts"), "ta": ("emb_ta",)}[k]]
     loaded = [FeatureCache(out_dir).load_all(k) for k in keys]
     result = {f: torch.stack([d[f] for d in loaded]) for f in fields}
@@ -201,18 +205,22 @@ def standardized(emb: torch.Tensor) -> torch.Tensor:
     return ((emb.float() - mean[None, :, None, None]) / std[None, :, None, None]).half()
 
 
-def new_student(run: Run, n_classes: Optional[int] = None) -> Student:
-    """A freshly initialised student: the same initial weights for every method of the run."""
-    s = run.profile.student
-    return build_student(s.name, run.profile.data.image_size, n_classes or run.info.n_classes, s.decoder_channels,
-                         seed=run.seed_for("student init")).to(run.device)
+def new_student(run: Run, n_classes: Optional[int] = None, method: Optional[str] = None) -> nn.Module:
+    """A freshly initialised student: the same initial weights for every method of the run. ``unet_supervised``
+    gets the practitioner's U-Net instead (:class:`~tskd_utils.models.SupervisedUNet`, whatever the student)."""
+    s, n_classes = run.profile.student, n_classes or run.info.n_classes
+    if method == SUPERVISED:
+        return build_supervised_unet(n_classes, run.profile.data.image_size,
+                                     seed=run.seed_for("supervised init")).to(run.device)
+    return build_student(s.name, run.profile.data.image_size, n_classes, s.decoder_channels,
+                         seed=run.seed_for("student init"), feature_grid=student_grid(run)).to(run.device)
 
 
 def method_dir(run: Run, method: str) -> Path:
     return run.students_dir / method
 
 
-def _kd_parts(run: Run, method: str, student: Student, loss_fn: Callable):
+def _kd_parts(run: Run, method: str, student: nn.Module, loss_fn: Callable):
     """(images, inputs digest part, extra modules, batch loss) of a KD method."""
     d = run.profile.distill
     tg = teacher_targets(run, synthetic=method != "ts_kd_nosyn", kinds=("ta",) if method == "ta_kd" else ("ts",))
@@ -233,13 +241,13 @@ def _kd_parts(run: Run, method: str, student: Student, loss_fn: Callable):
     return tg["images"], digest, {"align": align}, batch_loss, info
 
 
-def _ssl_parts(run: Run, method: str, student: Student):
+def _ssl_parts(run: Run, method: str, student: nn.Module):
     """(images, inputs digest part, extra modules, batch loss) of MAE or MoCo v3."""
     d, size = run.profile.distill, run.profile.data.image_size
     names, paths, flags = transfer_set(run, synthetic=True)
     images = np.stack([letterbox(read_image(p), size) for p in paths])
     with seeded(run.seed_for("pretrain", method, "wrapper")):
-        wrapper = (MAE(student, d.mae_mask_ratio, d.mae_decoder_dim, d.mae_decoder_depth) if method == "mae"
+        wrapper = (build_mim(student, d.mae_mask_ratio, d.mae_decoder_dim, d.mae_decoder_depth) if method == "mae"
                    else MoCoV3(student, d.moco_dim, d.moco_hidden, d.moco_temperature)).to(run.device)
 
     def batch_loss(x, idx, epoch, step):
@@ -258,7 +266,7 @@ def pretrain(run: Run, method: str, force: bool = False, loss_fn: Optional[Calla
     ``students/<method>/pretrain/final.safetensors`` (student + the method's extras).
     """
     check_methods([method])
-    if method == "scratch":
+    if method in NO_PRETRAINING:
         return {"method": method, "pretrain_seconds": 0.0}
     d, student, t_start = run.profile.distill, new_student(run), time.perf_counter()
     ignore = ("loss",) if loss_fn is None else ()  # no loss named: any finished pretraining will do
@@ -278,6 +286,8 @@ def pretrain(run: Run, method: str, force: bool = False, loss_fn: Optional[Calla
                 pretrain_seconds=round(sum(r["seconds"] for r in hist) + time.perf_counter() - t_start, 2))
     if hist and "val_dice" in hist[-1]:
         info["val_dice_after_pretrain"] = hist[-1]["val_dice"]
+    if method in ("ts_kd", "ts_kd_nosyn"):
+        info["lost_classes"] = check_classes(run, method, student)["lost"]
     return info
 
 
@@ -312,11 +322,98 @@ def _pretrain_loop(run: Run, method: str, modules: dict, images: torch.Tensor, b
     return {"optimizer": opt, "epochs": d.epochs, "train_epoch": epoch_fn, "scheduler": sched, "scaler": scaler}
 
 
-def _kd_validation(run: Run, student: Student) -> Callable:
+def _kd_validation(run: Run, student: nn.Module) -> Callable:
     """Validation Dice of a TS-KD student straight after distillation (its decoder learned the teacher's
     outputs): what the teacher alone taught it, before any label."""
     val_ds = SegmentationDataset(run.info, run.splits["val"], run.profile.data.image_size)
     return lambda: {"val_dice": val_dice(student, val_ds, run.device, run.profile.finetune.batch_size)}
+
+
+# ------------------------------------------------------------------------ no class may be lost
+
+
+class LostClassError(RuntimeError):
+    """After distillation the student never predicts a class that the teacher finds on validation."""
+
+
+def check_classes(run: Run, method: str, student: Optional[nn.Module] = None) -> dict:
+    """Per class on the validation images, after ``method``'s distillation (before any label): in how many images
+    the teacher finds the class, in how many the student predicts it, and the student's Dice against the teacher's
+    labels and against the ground truth. A class the teacher finds and the student never predicts is *lost*:
+    printed loudly, and with ``distill.lost_class="error"`` (the default) a :class:`LostClassError` stops the
+    stage; ``"warn"`` only prints. Written to ``students/<method>/pretrain/class_check.json``."""
+    if student is None:
+        student = new_student(run).eval()
+        load_weights(method_dir(run, method) / "pretrain" / "final.safetensors", {"student": student})
+    classes, size_s = run.info.classes, run.profile.data.image_size
+    cases = run.splits["val"]
+    raw = [read_image(run.info.case(c).image) for c in cases]
+    masks = torch.from_numpy(np.stack([letterbox(read_mask(run.info.case(c).mask), size_s, is_mask=True)
+                                       for c in cases])).long()
+    t_labels = teacher_val_labels(run)
+    student.eval()
+    with torch.inference_mode():
+        x = images_to_tensor(np.stack([letterbox(im, size_s) for im in raw]), run.device)
+        s_labels = torch.cat([student(x[i:i + 8]).float().argmax(1).cpu() for i in range(0, len(x), 8)])
+    rows = []
+    for k in range(1, len(classes)):
+        t_in, s_in = (t_labels == k).flatten(1).any(1), (s_labels == k).flatten(1).any(1)
+        rows.append({"class": classes[k], "teacher_images": int(t_in.sum()), "student_images": int(s_in.sum()),
+                     "dice_vs_teacher": _dice(s_labels == k, t_labels == k), "dice_vs_truth": _dice(s_labels == k,
+                                                                                                 masks == k)})
+    lost = [r["class"] for r in rows if r["teacher_images"] > 0 and r["student_images"] == 0]
+    result = {"method": method, "n_val": len(cases), "classes": rows, "lost": lost}
+    write_json(method_dir(run, method) / "pretrain" / "class_check.json", result)
+    table = "\n".join(f"  {r['class']:>16}: teacher finds it in {r['teacher_images']}/{len(cases)} validation images, "
+                      f"the student in {r['student_images']}; Dice vs teacher {r['dice_vs_teacher']:.3f}, vs truth "
+                      f"{r['dice_vs_truth']:.3f}" for r in rows)
+    print(f"{method}: per class on validation after distillation\n{table}")
+    if lost:
+        message = (f"{method}: after distillation the student never predicts {', '.join(lost)} on the "
+                   f"{len(cases)} validation images, where the teacher finds it: distillation lost the class. "
+                   f"Fine-tuning on a few labels rarely brings a lost class back. Try more distillation epochs "
+                   f"(distill.epochs) or a larger output weight (distill.output_weight); set "
+                   f"distill.lost_class='warn' to go on anyway. Details: "
+                   f"{method_dir(run, method) / 'pretrain' / 'class_check.json'}")
+        print("!" * 100 + "\n" + message + "\n" + "!" * 100)
+        if run.profile.distill.lost_class == "error":
+            raise LostClassError(message)
+    return result
+
+
+def teacher_val_labels(run: Run) -> torch.Tensor:
+    """The selected teacher's labels of the validation images at the student's size (N, S, S), computed once and
+    cached beside the teacher targets (``cache/targets/val_labels.safetensors``, keyed by the teacher's weights)."""
+    from safetensors.torch import load_file, save_file
+
+    from .teacher import load_teacher, teacher_digest  # as in _compute_targets: teacher -> evaluate -> distill
+
+    cases, size_s = run.splits["val"], run.profile.data.image_size
+    key = value_digest([teacher_digest(run), cases, size_s, run.profile.teacher.prefix_dtype])
+    path = run.cache_dir / "targets" / "val_labels.safetensors"
+    if path.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as fh:
+            if (fh.metadata() or {}).get("key") == key:
+                return load_file(str(path))["labels"].long()
+    teacher = load_teacher(run, "selected")
+    raw = [read_image(run.info.case(c).image) for c in cases]
+    boxed, valid = teacher_inputs(raw, run.profile.teacher.input_size)
+    prefix = teacher_prefix(run, teacher.encoder, cases, boxed, valid)
+    logits = torch.cat(run_suffix(lambda h: teacher.from_prefix(h)[1], prefix, run.device))
+    labels = F.interpolate(logits, size=(size_s, size_s), mode="area").argmax(1).to(torch.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({"labels": labels.contiguous()}, str(tmp), metadata={"key": key})
+    tmp.replace(path)
+    return labels.long()
+
+
+def _dice(pred: torch.Tensor, ref: torch.Tensor) -> float:
+    """Dice of two boolean stacks pooled over all their pixels (1 when both are empty)."""
+    inter, total = float((pred & ref).sum()), float(pred.sum() + ref.sum())
+    return 1.0 if total == 0 else 2 * inter / total
 
 
 # -------------------------------------------------------------------------------- fine-tuning
@@ -333,22 +430,27 @@ def val_dice(model: nn.Module, ds: SegmentationDataset, device: str, batch_size:
 
 
 def finetune(run: Run, method: str, force: bool = False) -> dict:
-    """Fine-tune the pretrained student on the n_labeled cases (Dice + CE); keep the best by val Dice."""
+    """Fine-tune the pretrained student on the n_labeled cases (Dice + CE); keep the best by val Dice.
+
+    ``scratch`` starts from the student's initial weights; ``unet_supervised`` trains the practitioner's U-Net
+    from scratch with its own budget (``profile.supervised``) instead of the students' (``profile.finetune``)."""
     check_methods([method])
-    prof, f, device = run.profile, run.profile.finetune, run.device
-    student = new_student(run)
+    prof, device = run.profile, run.device
+    f = prof.supervised if method == SUPERVISED else prof.finetune
+    student = new_student(run, method=method)
     pre = method_dir(run, method) / "pretrain" / "final.safetensors"
-    if method != "scratch":
+    if method not in NO_PRETRAINING:
         if not pre.is_file():
             raise FileNotFoundError(f"{pre} is missing: pretrain {method!r} first (tskd_utils.distill.pretrain)")
         load_weights(pre, {"student": student})
-    inputs = {"pretrained": file_digest(pre) if method != "scratch" else "none", "split": run.split_digest(
-        "labeled", "val"), **run.settings("finetune", "student"), "image_size": prof.data.image_size,
+    model_settings = run.settings("supervised") if method == SUPERVISED else run.settings("finetune", "student")
+    inputs = {"pretrained": file_digest(pre) if method not in NO_PRETRAINING else "none", "split": run.split_digest(
+        "labeled", "val"), **model_settings, "image_size": prof.data.image_size,
         "seed": run.seed, "loss": source_digest(segmentation_loss)}
     train_ds = SegmentationDataset(run.info, run.splits["labeled"], prof.data.image_size, train=True,
                                    augment=f.augment, seed=run.seed)
     stage = Stage(method_dir(run, method) / "finetune", inputs, force=force,
-                  desc=f"{method}: fine-tuning on {len(train_ds)} labeled")
+                  desc=f"{method}: {'training' if method == SUPERVISED else 'fine-tuning'} on {len(train_ds)} labeled")
     val_ds = SegmentationDataset(run.info, run.splits["val"], prof.data.image_size)
     dl = loader(train_ds, f.batch_size, shuffle=True, num_workers=prof.data.num_workers,
                 drop_last=len(train_ds) > f.batch_size, steps=f.steps_per_epoch)
@@ -371,10 +473,12 @@ def finetune(run: Run, method: str, force: bool = False) -> dict:
     hist = stage.train({"student": student}, opt, f.epochs, epoch_fn,
                        lambda: {"val_dice": val_dice(student, val_ds, device, f.batch_size)},
                        seed=run.seed_for("finetune", method), scheduler=sched, scaler=scaler, monitor="val_dice")
+    arch = "monai_unet" if method == SUPERVISED else prof.student.name
     save_weights(method_dir(run, method) / "student.safetensors", {"student": student},
-                 {"method": method, "student": prof.student.name, "classes": json.dumps(run.info.classes)})
+                 {"method": method, "student": arch, "classes": json.dumps(run.info.classes)})
     return {"method": method, "finetune_seconds": round(sum(r["seconds"] for r in hist), 2),
-            "best_val_dice": max(r["val_dice"] for r in hist), "epochs": f.epochs, "compute_dtype": dtype}
+            "best_val_dice": max(r["val_dice"] for r in hist), "epochs": f.epochs,
+            "steps": f.epochs * max(1, len(dl)), "compute_dtype": dtype}
 
 
 def run_method(run: Run, method: str, force: bool = False, loss_fn: Optional[Callable] = None) -> dict:
@@ -389,7 +493,7 @@ def run_methods(run: Run, methods=None, force: bool = False, loss_fn: Optional[C
     return [run_method(run, m, force=force, loss_fn=loss_fn) for m in check_methods(methods)]
 
 
-def load_student(run: Run, method: str, device: Optional[str] = None) -> Student:
+def load_student(run: Run, method: str, device: Optional[str] = None) -> nn.Module:
     """The fine-tuned student of ``method`` (best validation checkpoint), in eval mode."""
     check_methods([method])
     path = method_dir(run, method) / "student.safetensors"
@@ -402,7 +506,7 @@ def load_student(run: Run, method: str, device: Optional[str] = None) -> Student
             classes = json.loads((fh.metadata() or {}).get("classes", "null") or "null")
     except (SafetensorError, OSError, ValueError) as e:
         raise DataError(f"{path}: not a readable safetensors file ({e}); re-run notebook 04 for {method!r}") from None
-    student = new_student(run, len(classes) if classes else None)
+    student = new_student(run, len(classes) if classes else None, method=method)
     load_weights(path, {"student": student})
     student.classes = classes
     return student.to(device or run.device).eval()

@@ -223,6 +223,11 @@ def measure_latency(model: torch.nn.Module, session, size: int, batch: int = 1) 
 
 def describe_student(model: torch.nn.Module) -> str:
     """The student's architecture in words, read off the model itself."""
+    if hasattr(model, "channels") and hasattr(model, "decode"):  # a U-Net student (tskd_utils.models.UNetStudent)
+        return (f"U-Net (MONAI residual units, channels {', '.join(map(str, model.channels))}, skip connections at "
+                f"every resolution)")
+    if hasattr(model, "net"):  # unet_supervised
+        return f"MONAI UNet (channels {', '.join(map(str, model.net.channels))}, 2 residual units per level)"
     blocks = getattr(getattr(model, "encoder", None), "blocks", None)
     heads = getattr(getattr(blocks[0], "attn", None), "num_heads", "?") if blocks else "?"
     return (f"timm VisionTransformer (patch {getattr(model, 'patch', '?')}, width {getattr(model, 'embed_dim', '?')}, "
@@ -264,7 +269,8 @@ def export_student(run, method: str = "ts_kd", out="export", overwrite: bool = F
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / f".{ONNX_NAME}.tmp-{uuid.uuid4().hex[:8]}"
     try:
-        record = {"run": str(run.dir), "method": method, "student": run.profile.student.name, "image_size": size,
+        record = {"run": str(run.dir), "method": method, "image_size": size,
+                  "student": getattr(model, "name", run.profile.student.name),
                   "n_classes": run.info.n_classes, "classes": run.info.classes,
                   "architecture": describe_student(model), "params": int(sum(p.numel() for p in model.parameters())),
                   **export_onnx(model, size, tmp)}

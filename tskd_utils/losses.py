@@ -1,7 +1,8 @@
 """The losses of every stage, in one place (the notebooks show and may redefine them).
 
 * :func:`segmentation_loss`: Dice + cross-entropy on K-class logits (teacher, fine-tuning);
-* :func:`feature_loss` and :func:`output_loss` (soft KL + Dice on the teacher's labels): the two halves of knowledge distillation, and
+* :func:`feature_loss` and :func:`output_loss` (soft KL + class-balanced CE and per-image, per-class Dice on
+  the teacher's labels): the two halves of knowledge distillation, and
   :func:`kd_loss` combining them (notebook 04);
 * :func:`diffusion_loss`: the DDPM's denoising objective (notebook 03).
 
@@ -35,16 +36,44 @@ def feature_loss(student_features: torch.Tensor, teacher_embedding: torch.Tensor
     return F.mse_loss(student_features, teacher_embedding.float())
 
 
+def class_dice_loss(student_logits: torch.Tensor, teacher_labels: torch.Tensor) -> torch.Tensor:
+    """1 - soft Dice per image and per foreground class against the teacher's labels, averaged over the (image,
+    class) pairs in which the teacher finds the class. A class the teacher predicts in an image weighs as much
+    as any other class there, however few pixels it has, so the student cannot buy a lower loss by dropping it;
+    a class the teacher does not find in an image asks nothing of it there."""
+    k = student_logits.shape[1]
+    probs = F.softmax(student_logits.float(), dim=1)
+    onehot = F.one_hot(teacher_labels.long(), k).permute(0, 3, 1, 2).float()
+    inter, size = (probs * onehot).sum((2, 3)), onehot.sum((2, 3))
+    dice = 2 * inter / (probs.sum((2, 3)) + size).clamp_min(1e-6)  # (B, K)
+    present = size[:, 1:] > 0
+    if not bool(present.any()):
+        return student_logits.sum() * 0.0
+    return 1 - dice[:, 1:][present].mean()
+
+
+def balanced_cross_entropy(student_logits: torch.Tensor, teacher_labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against the teacher's labels with each class that occurs in the batch weighing the same in
+    total (weights: the inverse of its pixel count), so a small structure is not outvoted by the background."""
+    k = student_logits.shape[1]
+    counts = torch.bincount(teacher_labels.reshape(-1).long(), minlength=k).float()
+    weight = torch.where(counts > 0, 1.0 / counts.clamp_min(1.0), torch.zeros_like(counts))
+    return F.cross_entropy(student_logits.float(), teacher_labels.long(), weight=weight / weight.sum())
+
+
 def output_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Match the teacher's per-pixel outputs: T^2 * KL(teacher || student) between temperature-softened class
-    distributions, plus Dice + cross-entropy against the teacher's hard labels (its argmax). The KL is a mean over
-    pixels, so the background dominates it and a student can lower it for many epochs while still predicting
-    background everywhere; the Dice term weighs the structure itself (benchmarks/bench_kd_loss.py)."""
+    """Match the teacher's per-pixel outputs without losing a class: T^2 * KL(teacher || student) between
+    temperature-softened class distributions (the teacher's soft knowledge), plus, on the teacher's hard labels
+    (its argmax), class-balanced cross-entropy and Dice per image and per class. The KL is a mean over pixels:
+    alone (or with a Dice pooled over the batch) it lets a student that cannot yet draw a thin structure lower
+    the loss by calling it background everywhere (tests/test_distill.py builds such a case); the two label terms
+    give every class the teacher finds the same weight as the background."""
     t = temperature
     log_p_student = F.log_softmax(student_logits.float() / t, dim=1)
     p_teacher = F.softmax(teacher_logits.float() / t, dim=1)
     kl = F.kl_div(log_p_student, p_teacher, reduction="none").sum(1).mean() * t * t
-    return kl + segmentation_loss(student_logits, teacher_logits.argmax(1))
+    labels = teacher_logits.argmax(1)
+    return kl + balanced_cross_entropy(student_logits, labels) + class_dice_loss(student_logits, labels)
 
 
 def kd_loss(student, align, images: torch.Tensor, teacher_embedding: torch.Tensor,

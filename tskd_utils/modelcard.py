@@ -24,6 +24,8 @@ METHOD_TEXT = {
     "mae": "masked-autoencoder pretraining on the transfer set, then fine-tuned on the labeled images",
     "mocov3": "MoCo v3 contrastive pretraining on the transfer set, then fine-tuned on the labeled images",
     "scratch": "random initialisation, trained on the labeled images only",
+    "unet_supervised": "the practitioner's baseline: MONAI's UNet (1.6 M parameters, not the student's architecture) "
+                       "trained from scratch on the labeled images only",
 }
 
 CONTRACT_CODE = '''\

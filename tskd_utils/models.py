@@ -451,23 +451,55 @@ class TeacherSegmenter(nn.Module):
 # =================================================================================== students
 
 STUDENTS = {
-    # name: timm VisionTransformer arguments (random init, 1 input channel)
+    # name: timm VisionTransformer arguments (random init, 1 input channel): "the paper's student" and its smaller kin
     "vit_tiny": dict(patch_size=16, embed_dim=192, depth=12, num_heads=3),  # = vit_tiny_patch16_224
-    "vit_mini": dict(patch_size=8, embed_dim=128, depth=4, num_heads=2),  # CPU profiles (0.9 M with decoder)
+    "vit_mini": dict(patch_size=8, embed_dim=128, depth=4, num_heads=2),  # 0.9 M with decoder
     "vit_micro": dict(patch_size=4, embed_dim=32, depth=2, num_heads=2),  # tests
 }
+# U-Net students: a residual encoder-decoder with skip connections at every resolution, built from MONAI's blocks.
+# name: channels per level (the first level at stride 2, as MONAI's UNet), the deepest one is the bottleneck
+UNET_STUDENTS = {
+    "unet_s": (16, 32, 64, 128, 192),  # demo, cpu, colab, paper: 1.7 M parameters (a third of LiteMedSAM + head)
+    "unet_xs": (8, 16, 32, 64),  # tests
+}
+STUDENT_NAMES = tuple(STUDENTS) + tuple(UNET_STUDENTS)
+# the stride of each teacher's embedding in its input (LiteMedSAM: 256 px -> 64x64; SAM ViT-B: patches of 16)
+TEACHER_STRIDE = {"litemedsam": 4, "sam_vit_b": 16, "tiny": 4}
 STUDENT_MEAN, STUDENT_STD = 0.5, 0.25
 
 
+def check_student_name(name: str) -> None:
+    if name not in STUDENT_NAMES:
+        raise KeyError(f"unknown student {name!r}; choose one of: {', '.join(STUDENT_NAMES)}")
+
+
+def student_feature_grid(name: str, image_size: int, teacher: str, teacher_size: int) -> int:
+    """The grid of the student feature map that the KD methods match to the teacher's embedding.
+
+    ViT students: their token grid (image / patch). U-Net students: the teacher's embedding grid in the
+    student's frame (teacher and student share the letterbox, so the grid is teacher_size / teacher stride),
+    capped to the student's decoder levels (image / 2 down to the bottleneck's image / 2**levels).
+    """
+    check_student_name(name)
+    if name in STUDENTS:
+        return image_size // STUDENTS[name]["patch_size"]
+    grid = teacher_size // TEACHER_STRIDE.get(teacher, 16)
+    levels = len(UNET_STUDENTS[name])
+    finest, coarsest = image_size // 2, image_size // 2 ** (levels - 1)
+    grid = min(max(grid, coarsest), finest)
+    return 2 ** round(math.log2(grid))  # a decoder level: image / 2**k
+
+
 class Student(nn.Module):
-    """A timm ViT encoder (random init) + light segmentation decoder, at the run's image size."""
+    """A timm ViT encoder (random init) + light segmentation decoder, at the run's image size: the paper's student
+    (``vit_tiny``) and its smaller kin. The patch tokens are its only feature map (16x or 8x below the input)."""
 
     def __init__(self, name: str, image_size: int, n_classes: int, decoder_channels: int = 64):
         super().__init__()
         import timm
 
         if name not in STUDENTS:
-            raise KeyError(f"unknown student {name!r}; choose one of: {', '.join(STUDENTS)}")
+            raise KeyError(f"unknown student {name!r}; choose one of: {', '.join(STUDENT_NAMES)}")
         args = STUDENTS[name]
         if image_size % args["patch_size"]:
             raise ValueError(f"student {name}: image size {image_size} is not a multiple of patch size "
@@ -500,13 +532,144 @@ class Student(nn.Module):
         f = self.features(x01)
         return f, self.decoder(f)
 
+    @staticmethod
+    def pooled(encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """One vector per image from an encoder of this kind (MoCo v3): the mean patch token."""
+        tokens = encoder.forward_features(x)
+        return tokens[:, encoder.num_prefix_tokens:].mean(dim=1)
 
-def build_student(name: str, image_size: int, n_classes: int, decoder_channels: int = 64, seed: int = 0
-                  ) -> Student:
-    """A freshly initialised student; the same seed gives the same initial weights for every method."""
+
+class UNetEncoder(nn.Module):
+    """The U-Net student's encoder: one MONAI ``ResidualUnit`` (two 3x3 convolutions, BatchNorm, PReLU, a residual
+    connection) per level, each halving the resolution but the deepest. Returns every level's map (the skips)."""
+
+    def __init__(self, channels: Sequence[int]):
+        super().__init__()
+        from monai.networks.blocks import ResidualUnit
+
+        ins = (1,) + tuple(channels[:-1])
+        strides = [2] * (len(channels) - 1) + [1]
+        self.levels = nn.ModuleList(ResidualUnit(2, cin, cout, strides=s, kernel_size=3, subunits=2, norm="batch")
+                                    for cin, cout, s in zip(ins, channels, strides))
+        self.out_channels = channels[-1]
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        maps = []
+        for level in self.levels:
+            x = level(x)
+            maps.append(x)
+        return maps
+
+
+class UNetStudent(nn.Module):
+    """A U-Net student built for dense prediction: the encoder above, then a decoder that upsamples by 2 at each
+    level (transposed 3x3 convolution) and fuses the encoder's map of that resolution (concatenation + a
+    ``ResidualUnit``), down to stride 2; a last transposed convolution brings it to the input size.
+
+    ``features`` is the decoder's map at ``feature_grid`` (the teacher embedding's grid in the student's frame):
+    the KD methods match it to the teacher's embedding through a 1x1 projection; it carries the bottleneck's context
+    and the skips' detail. ``encoder`` is what MoCo v3 pretrains and copies; MAE reconstructs masked pixels through
+    the whole network (SimMIM-style, :mod:`tskd_utils.pretrain`).
+    """
+
+    def __init__(self, name: str, image_size: int, n_classes: int, feature_grid: Optional[int] = None):
+        super().__init__()
+        from monai.networks.blocks import Convolution, ResidualUnit
+
+        if name not in UNET_STUDENTS:
+            raise KeyError(f"unknown student {name!r}; choose one of: {', '.join(STUDENT_NAMES)}")
+        channels = UNET_STUDENTS[name]
+        depth = len(channels) - 1  # halvings
+        if image_size % 2 ** depth:
+            raise ValueError(f"student {name}: image size {image_size} is not a multiple of {2 ** depth}")
+        self.name, self.image_size, self.channels = name, image_size, tuple(channels)
+        self.encoder = UNetEncoder(channels)
+        # decoder level i (i = depth-1 .. 0) works at stride 2**(i+1) with channels[i]
+        self.ups = nn.ModuleList()
+        self.fuse = nn.ModuleList()
+        for i in reversed(range(depth)):
+            deeper = channels[i + 1]
+            up_stride = 1 if i == depth - 1 else 2  # the bottleneck keeps the deepest level's resolution
+            self.ups.append(Convolution(2, deeper, channels[i], strides=up_stride, kernel_size=3, norm="batch",
+                                        is_transposed=up_stride == 2))
+            self.fuse.append(ResidualUnit(2, 2 * channels[i], channels[i], strides=1, kernel_size=3, subunits=1,
+                                          norm="batch"))
+        self.final_up = Convolution(2, channels[0], channels[0], strides=2, kernel_size=3, norm="batch",
+                                    is_transposed=True)
+        self.classifier = nn.Conv2d(channels[0], n_classes, 1)
+        self.last_channels = channels[0]
+        grid = feature_grid or image_size // 4
+        strides = [2 ** (i + 1) for i in range(depth)]
+        if image_size % grid or image_size // grid not in strides:
+            raise ValueError(f"student {name}: no decoder level has a {grid}x{grid} map at {image_size} px "
+                             f"(levels: {', '.join(str(image_size // s) for s in strides)})")
+        self.grid, self.patch = grid, image_size // grid
+        self.embed_dim = channels[strides.index(self.patch)]
+
+    def normalize(self, x01: torch.Tensor) -> torch.Tensor:
+        return (x01 - STUDENT_MEAN) / STUDENT_STD
+
+    def decode(self, maps: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder maps -> (the map at ``grid``, the last decoder map at the input size)."""
+        x, feature = maps[-1], None
+        for up, fuse, skip in zip(self.ups, self.fuse, reversed(maps[:-1])):
+            x = fuse(torch.cat([up(x), skip], dim=1))
+            if x.shape[-1] == self.grid:
+                feature = x
+        return feature, self.final_up(x)
+
+    def forward_with_features(self, x01: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        feature, last = self.decode(self.encoder(self.normalize(x01)))
+        return feature, self.classifier(last)
+
+    def features(self, x01: torch.Tensor) -> torch.Tensor:
+        return self.forward_with_features(x01)[0]
+
+    def forward(self, x01: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.decode(self.encoder(self.normalize(x01)))[1])
+
+    @staticmethod
+    def pooled(encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """One vector per image (MoCo v3): the bottleneck map, averaged over space."""
+        return encoder(x)[-1].mean(dim=(2, 3))
+
+
+def build_student(name: str, image_size: int, n_classes: int, decoder_channels: int = 64, seed: int = 0,
+                  feature_grid: Optional[int] = None) -> nn.Module:
+    """A freshly initialised student; the same seed gives the same initial weights for every method.
+    ``feature_grid``: U-Net students only, the decoder level the KD methods match (default image / 4)."""
+    check_student_name(name)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
+        if name in UNET_STUDENTS:
+            return UNetStudent(name, image_size, n_classes, feature_grid)
         return Student(name, image_size, n_classes, decoder_channels)
+
+
+class SupervisedUNet(nn.Module):
+    """The practitioner's baseline: MONAI's ``UNet`` as its tutorials build it for 2D segmentation, trained from
+    scratch on the labeled images only (``unet_supervised``). Its architecture is fixed whatever the student is;
+    it takes the student's input (letterboxed, [0, 1], normalised like the students) and gives K-class logits."""
+
+    CHANNELS = (16, 32, 64, 128, 256)
+    STRIDES = (2, 2, 2, 2)
+
+    def __init__(self, n_classes: int, image_size: int):
+        super().__init__()
+        from monai.networks.nets import UNet
+
+        self.name, self.image_size = "monai_unet", image_size
+        self.net = UNet(spatial_dims=2, in_channels=1, out_channels=n_classes, channels=self.CHANNELS,
+                        strides=self.STRIDES, num_res_units=2, norm="batch")
+
+    def forward(self, x01: torch.Tensor) -> torch.Tensor:
+        return self.net((x01 - STUDENT_MEAN) / STUDENT_STD)
+
+
+def build_supervised_unet(n_classes: int, image_size: int, seed: int = 0) -> SupervisedUNet:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return SupervisedUNet(n_classes, image_size)
 
 
 def freeze(module: nn.Module) -> nn.Module:

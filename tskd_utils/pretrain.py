@@ -1,6 +1,6 @@
-"""Self-supervised pretraining baselines for the student: MAE and MoCo v3 (compact versions).
+"""Self-supervised pretraining baselines for the student: masked image modelling and MoCo v3 (compact versions).
 
-Both work on the student's timm ViT encoder directly. They are written out here (about 150 lines)
+Both work on the student's own encoder. They are written out here (about 150 lines)
 rather than taken from the ``lightly`` package, whose building blocks would fit but pull in
 PyTorch Lightning and Hydra for a few dozen lines of logic; their invariants are tested instead
 (the masking keeps the stated ratio; the momentum encoder gets no gradients and moves by the EMA rule).
@@ -8,6 +8,11 @@ PyTorch Lightning and Hydra for a few dozen lines of logic; their invariants are
 * MAE (He et al., 2022): mask a high ratio of patches, encode the visible ones, reconstruct the
   pixels of the masked ones with a light transformer decoder; loss = MSE on per-patch normalised
   pixels of masked patches.
+* Masked image modelling for a U-Net student (SimMIM, Xie et al., 2022, as SparK and ConvNeXt V2 do for
+  convolutional networks): the image is cut into square patches (16 per side), a ratio of them is replaced by a
+  learned mask value, the whole student (encoder and decoder) sees the masked image, and a 1x1 convolution on its
+  last decoder map reconstructs the pixels; loss = MSE on per-patch normalised pixels of the masked patches, as
+  MAE's. :func:`build_mim` picks MAE for a ViT student and this for a U-Net student (method ``mae`` either way).
 * MoCo v3 (Chen et al., 2021): two augmented views, a query encoder (backbone + projection MLP +
   prediction MLP) and a momentum key encoder (backbone + projection MLP, EMA of the query one);
   symmetric InfoNCE with temperature tau, scaled by 2 tau as in the paper.
@@ -21,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .models import Student
+from .models import UNetStudent
 
 
 def random_masking(n_batch: int, n_tokens: int, ratio: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,8 +47,44 @@ def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
     return x.reshape(b, (h // p) * (w // p), p * p * c)
 
 
+class MaskedUNet(nn.Module):
+    """SimMIM-style masked image modelling for a :class:`~tskd_utils.models.UNetStudent` (see the module text)."""
+
+    def __init__(self, student, mask_ratio: float = 0.6, patches_per_side: int = 16):
+        super().__init__()
+        self.student, self.mask_ratio = student, mask_ratio
+        self.patch = max(1, student.image_size // patches_per_side)
+        self.mask_value = nn.Parameter(torch.zeros(1))  # in the student's normalised input space
+        self.reconstruct = nn.Conv2d(student.last_channels, 1, 1)
+
+    def forward(self, x01: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns (loss, reconstruction (B, 1, H, W), pixel mask (B, 1, H, W) with 1 = masked)."""
+        b, _, h, w = x01.shape
+        p = self.patch
+        n = (h // p) * (w // p)
+        _, mask = random_masking(b, n, self.mask_ratio, x01.device)
+        pix = mask.view(b, 1, h // p, w // p).repeat_interleave(p, 2).repeat_interleave(p, 3)
+        s = self.student
+        x = s.normalize(x01)
+        x = x * (1 - pix) + self.mask_value.to(x.dtype) * pix
+        recon = self.reconstruct(s.decode(s.encoder(x))[1])
+        target = patchify(x01, p)
+        mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
+        target = (target - mean) / (var + 1e-6).sqrt()  # per-patch normalised pixels (MAE's norm_pix_loss)
+        per_patch = ((patchify(recon.float(), p) - target) ** 2).mean(-1)
+        loss = (per_patch * mask).sum() / mask.sum()
+        return loss, recon, pix
+
+
+def build_mim(student, mask_ratio: float, decoder_dim: int, decoder_depth: int) -> nn.Module:
+    """The ``mae`` method's wrapper for this kind of student: MAE (ViT) or SimMIM-style :class:`MaskedUNet`."""
+    if isinstance(student, UNetStudent):
+        return MaskedUNet(student, mask_ratio)
+    return MAE(student, mask_ratio, decoder_dim, decoder_depth)
+
+
 class MAE(nn.Module):
-    def __init__(self, student: Student, mask_ratio: float = 0.75, decoder_dim: int = 96, decoder_depth: int = 1):
+    def __init__(self, student, mask_ratio: float = 0.75, decoder_dim: int = 96, decoder_depth: int = 1):
         super().__init__()
         from timm.models.vision_transformer import Block
 
@@ -99,20 +140,19 @@ def _mlp(dims: list[int], last_bn: bool = True) -> nn.Sequential:
 
 
 class MoCoV3(nn.Module):
-    def __init__(self, student: Student, dim: int = 64, hidden: int = 256, temperature: float = 0.2):
+    def __init__(self, student, dim: int = 64, hidden: int = 256, temperature: float = 0.2):
         super().__init__()
         self.student, self.temperature = student, temperature
-        self.projector = _mlp([student.embed_dim, hidden, hidden, dim])
+        width = getattr(student.encoder, "out_channels", student.embed_dim)  # U-Net: the bottleneck's channels
+        self.projector = _mlp([width, hidden, hidden, dim])
         self.predictor = _mlp([dim, hidden, dim], last_bn=False)
         self.momentum_encoder = copy.deepcopy(student.encoder)
         self.momentum_projector = copy.deepcopy(self.projector)
         for p in list(self.momentum_encoder.parameters()) + list(self.momentum_projector.parameters()):
             p.requires_grad_(False)
 
-    @staticmethod
-    def pooled(encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        tokens = encoder.forward_features(x)
-        return tokens[:, encoder.num_prefix_tokens:].mean(dim=1)
+    def pooled(self, encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return self.student.pooled(encoder, x)  # ViT: mean patch token; U-Net: the bottleneck's spatial mean
 
     def contrastive(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)

@@ -26,7 +26,9 @@ from .environment import record as record_environment
 from .io import DataError, DatasetInfo, load_dataset, read_json, write_json
 from .training import derive_seed, value_digest
 
-METHODS = ("scratch", "ta_kd", "ts_kd", "ts_kd_nosyn", "mae", "mocov3")  # students; "teacher" is the reference
+# the students' methods (one student architecture, six pretrainings), then the practitioner's U-Net trained on the
+# labels only (its own architecture); "teacher" is the reference
+METHODS = ("scratch", "ta_kd", "ts_kd", "ts_kd_nosyn", "mae", "mocov3", "unet_supervised")
 ALL_METHODS = METHODS + ("teacher",)
 
 

@@ -22,7 +22,8 @@ from typing import Optional, Sequence
 
 from .io import DataError, read_json
 
-METHOD_ORDER = ["teacher", "teacher_frozen", "ts_kd", "ts_kd_nosyn", "ta_kd", "mae", "mocov3", "scratch"]
+METHOD_ORDER = ["teacher", "teacher_frozen", "unet_supervised", "ts_kd", "ts_kd_nosyn", "ta_kd", "mae", "mocov3",
+                "scratch"]
 REFERENCE = "ts_kd"
 GROUP = ["dataset", "profile"]
 PAIRED_COLUMNS = ["comparison", "other", "n_cases", "n_seeds", "mean_diff", "ci_low", "ci_high", "p_wilcoxon",
