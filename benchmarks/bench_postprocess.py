@@ -34,7 +34,7 @@ from tskd_utils.io import load_case  # noqa: E402
 from tskd_utils.run import load_run  # noqa: E402
 from tskd_utils.stats import bootstrap_ci  # noqa: E402
 
-MODELS = ("teacher", "teacher_frozen", "ts_kd", "ts_kd_nosyn", "ta_kd", "scratch", "mae", "mocov3")
+MODELS = ("teacher", "teacher_frozen", "unet_supervised", "ts_kd", "ts_kd_nosyn", "ta_kd", "scratch", "mae", "mocov3")
 VARIANTS = ("raw", "largest", "largest+fill")
 DISTILLED = "@distilled"  # a KD student before fine-tuning: a candidate for fine-tuning's best-checkpoint choice
 
