@@ -8,7 +8,7 @@ case has a pixel spacing, else in pixels.
 
 Writes ``metrics/per_case.csv`` (one row per method, case and class), ``metrics/summary.json``,
 ``metrics/predictions/<method>/<case>.png`` and the run's rows of the results table,
-``results.csv`` (conventions.md).
+``results.csv`` (the layout in README, "Repository layout").
 """
 
 from __future__ import annotations
