@@ -202,4 +202,4 @@ def test_setup_run_records_a_changed_profile_definition(tmp_path, toy_root, caps
 def test_unknown_method_lists_valid_ones():
     with pytest.raises(KeyError, match="unknown method.*'tskd'.*scratch, ta_kd, ts_kd"):
         check_methods(["ts_kd", "tskd"])
-    assert check_methods("all") == ["scratch", "ta_kd", "ts_kd", "ts_kd_nosyn", "mae", "mocov3"]
+    assert check_methods("all") == ["scratch", "ta_kd", "ts_kd", "ts_kd_nosyn", "mae", "mocov3", "unet_supervised"]

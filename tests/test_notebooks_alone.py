@@ -59,7 +59,7 @@ def test_all_notebooks_in_order_with_environment_defaults(tmp_path):
     nbval(NOTEBOOKS, tmp_path / "data", run_dir)
     assert (run_dir / "results.csv").is_file() and (run_dir / "environment.json").is_file()
     rows = (run_dir / "results.csv").read_text().splitlines()
-    assert len(rows) == 1 + 7 and all(",smoke" in r for r in rows[1:])  # teacher + six students, smoke profile
+    assert len(rows) == 1 + 8 and all(",smoke" in r for r in rows[1:])  # teacher, six students, unet_supervised
 
 
 @pytest.mark.parametrize("notebook", ALONE)
