@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Time the HC18 conversion on the real data (../shared/datasets/hc18 by default).
+"""Time the HC18 conversion on the real data (``--raw``; default $TSKD_HC18_RAW, else shared/datasets/hc18
+beside the checkout).
 
     python benchmarks/bench_convert_hc18.py                 # the filled copy, as given
     python benchmarks/bench_convert_hc18.py --outlines      # also the official outline layout
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import shutil
 import sys
 import tempfile
@@ -30,7 +32,7 @@ sys.path.insert(0, str(REPO))
 from tskd_utils.datasets import hc18  # noqa: E402
 from tskd_utils.io import load_dataset  # noqa: E402
 
-DEFAULT_RAW = REPO.parent / "shared" / "datasets" / "hc18"
+DEFAULT_RAW = Path(os.environ.get("TSKD_HC18_RAW") or REPO.parent / "shared" / "datasets" / "hc18")
 
 
 def make_outline_copy(raw: Path, dst: Path) -> None:

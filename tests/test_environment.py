@@ -61,23 +61,23 @@ def test_defaults_follow_platform_and_gpu(local, tmp_path):
     assert "one notebook's kernel" in only and "does not fit" not in only
     local.setenv("TSKD_PLATFORM", "local")
     # local: the checkout
-    assert environment.default_run_dir("demo") == str(environment.REPO_ROOT / "runs" / "demo")
+    assert environment.default_run_dir("demo") == str(environment.REPO_ROOT / "runs" / "notebooks" / "demo")
     assert environment.default_data_root() == str(environment.REPO_ROOT / "data")
     # Kaggle: /kaggle/working, kept with the notebook's output
     local.setenv("TSKD_PLATFORM", "kaggle")
-    assert environment.default_run_dir("colab") == "/kaggle/working/runs/colab"
+    assert environment.default_run_dir("colab") == "/kaggle/working/runs/notebooks/colab"
     assert environment.default_data_root() == "/kaggle/working/data"
     # Colab: the VM's disk, or Google Drive when asked (an already mounted Drive is not mounted again)
     local.setenv("TSKD_PLATFORM", "colab")
-    assert environment.default_run_dir("colab") == str(environment.REPO_ROOT / "runs" / "colab")
+    assert environment.default_run_dir("colab") == str(environment.REPO_ROOT / "runs" / "notebooks" / "colab")
     (tmp_path / "drive" / "MyDrive").mkdir(parents=True)
     local.setattr(environment, "DRIVE_MOUNT", tmp_path / "drive")
     local.setattr(environment, "DRIVE_FOLDER", tmp_path / "drive" / "MyDrive" / "tskd")
-    assert environment.default_run_dir("colab", drive=True) == str(tmp_path / "drive" / "MyDrive" / "tskd" / "runs" / "colab")
+    assert environment.default_run_dir("colab", drive=True) == str(tmp_path / "drive" / "MyDrive" / "tskd" / "runs" / "notebooks" / "colab")
     assert environment.default_data_root(drive=True) == str(tmp_path / "drive" / "MyDrive" / "tskd" / "data")
     # drive=True elsewhere: a note, and the local folder
     local.setenv("TSKD_PLATFORM", "local")
-    assert environment.default_run_dir("demo", drive=True) == str(environment.REPO_ROOT / "runs" / "demo")
+    assert environment.default_run_dir("demo", drive=True) == str(environment.REPO_ROOT / "runs" / "notebooks" / "demo")
 
 
 def test_env_default_reads_typed_values_and_names_a_bad_one(monkeypatch):

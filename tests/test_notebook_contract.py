@@ -1,4 +1,4 @@
-"""Every notebook keeps the notebook contract of conventions.md (cheap static checks)."""
+"""Every notebook keeps the notebook contract (README, "Contributing"; cheap static checks)."""
 
 from __future__ import annotations
 
@@ -118,10 +118,12 @@ def test_defaults_come_from_the_environment_and_a_config_cell_prints_it(name):
     i = next(k for k, c in enumerate(cells) if "parameters" in c.get("metadata", {}).get("tags", []))
     params = "".join(cells[i]["source"])
     for line in ('env_default("profile", environment.default_profile())',
-                 'env_default("data_root", environment.default_data_root(drive))',
-                 'env_default("run_dir", environment.default_run_dir(profile, drive))', 'env_default("drive", False)'):
+                 'env_default("data_root", "")', 'env_default("run_dir", "")', 'env_default("drive", False)'):
         assert line in params, f"{name}: parameters cell lacks {line}"
-    assert "environment.print_config(profile, run_dir)" in "".join(cells[i + 1]["source"])
+    # the folders are derived after the parameters cell, so that papermill's injected profile moves them
+    after = "".join(cells[i + 1]["source"])
+    assert after.startswith("run_dir, data_root = environment.resolve_dirs(profile, drive, run_dir, data_root)")
+    assert "environment.print_config(profile, run_dir)" in after
 
 
 @pytest.mark.parametrize("name, needs", [("04_distillation", ("ensure_teacher(run)", "ensure_synthetic(run)")),
@@ -133,3 +135,35 @@ def test_notebooks_compute_missing_earlier_stages_before_using_them(name, needs)
     assert all(n in sources[ensure] for n in needs)
     first_use = next(k for k, s in enumerate(sources) if "teacher_targets(" in s or "evaluate_run(" in s)
     assert ensure < first_use
+
+
+def test_papermill_profile_alone_moves_the_default_folders(tmp_path, monkeypatch):
+    """``papermill -p profile smoke`` without run_dir: the run folder follows the injected profile
+    (runs/notebooks/smoke), not the default profile the parameters cell saw, and is never a sweep's folder."""
+    import nbformat
+    import papermill
+
+    from tskd_utils import environment
+
+    for var in ("TSKD_PROFILE", "TSKD_RUN_DIR", "TSKD_DATA_ROOT", "TSKD_DRIVE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("TSKD_PLATFORM", "local")
+    cells = _load("01_data_preparation")["cells"]
+    i = next(k for k, c in enumerate(cells) if "parameters" in c.get("metadata", {}).get("tags", []))
+    nb = nbformat.v4.new_notebook(metadata=_load("01_data_preparation")["metadata"])
+    nb.cells = [nbformat.v4.new_code_cell("".join(cells[i]["source"]), metadata={"tags": ["parameters"]}),
+                nbformat.v4.new_code_cell("".join(cells[i + 1]["source"])),
+                nbformat.v4.new_code_cell("import json; print('DIRS=' + json.dumps([run_dir, data_root]))")]
+    src, out = tmp_path / "params.ipynb", tmp_path / "out.ipynb"
+    nbformat.write(nb, str(src))
+    papermill.execute_notebook(str(src), str(out), parameters={"profile": "smoke"}, kernel_name="python3",
+                               cwd=str(tmp_path), progress_bar=False)
+    text = "".join(o.get("text", "") for o in nbformat.read(str(out), as_version=4).cells[-1]["outputs"])
+    run_dir, data_root = json.loads(text.split("DIRS=", 1)[1])
+    assert run_dir == str(environment.REPO_ROOT / "runs" / "notebooks" / "smoke")
+    assert data_root == str(environment.REPO_ROOT / "data")
+    # a value given with -p still wins
+    papermill.execute_notebook(str(src), str(out), parameters={"profile": "smoke", "run_dir": str(tmp_path / "r")},
+                               kernel_name="python3", cwd=str(tmp_path), progress_bar=False)
+    text = "".join(o.get("text", "") for o in nbformat.read(str(out), as_version=4).cells[-1]["outputs"])
+    assert json.loads(text.split("DIRS=", 1)[1])[0] == str(tmp_path / "r")

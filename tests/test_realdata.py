@@ -1,4 +1,4 @@
-"""The smoke pipeline on a subset of the real HC18 data (skipped when ../shared/datasets/hc18 is absent)."""
+"""The smoke pipeline on a subset of the real HC18 data (skipped without a copy: conftest.HC18)."""
 
 from __future__ import annotations
 

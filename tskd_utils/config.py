@@ -1,8 +1,8 @@
 """Profiles and run configuration: every size, epoch count and learning rate lives here.
 
-A *profile* says how big a run is (see method.md, "Profiles"): ``smoke`` for tests, ``demo`` for
+A *profile* says how big a run is (README, "Profiles"): ``smoke`` for tests, ``demo`` for
 the embedded phantom on a 2-core CPU in minutes, ``cpu`` for real data on a laptop CPU (quality first,
-under an hour per run), ``colab`` for one free GPU and ``paper`` for a large GPU.  Notebooks never hard-code
+about an hour or more per run on 2 cores: docs/benchmarks.md), ``colab`` for one free GPU and ``paper`` for a large GPU.  Notebooks never hard-code
 these numbers; they name a profile and may override single values with dotted keys::
 
     profile = get_profile("demo", {"teacher.epochs": 5, "diffusion.n_synthetic": 0})

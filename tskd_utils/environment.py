@@ -12,7 +12,7 @@ The notebooks' parameters take their defaults from here, unless the user set ``T
 * run folder and data root: on Kaggle under ``/kaggle/working`` (kept with the notebook's output);
   on Colab on the VM's disk, or on Google Drive when asked (``drive = True`` / ``TSKD_DRIVE=1``:
   ``MyDrive/tskd/``), so that the next notebook, on a fresh VM, finds the earlier stages;
-  elsewhere in the checkout (``runs/<profile>``, ``data``).
+  elsewhere in the checkout (``runs/notebooks/<profile>``, ``data``).
 
 :func:`print_config` prints the versions of the libraries that matter, the device and its memory
 (as MONAI's ``print_config()`` does) and a one-line hint where the choice looks wrong (a GPU profile
@@ -140,9 +140,20 @@ def default_data_root(drive: bool = False) -> str:
 
 
 def default_run_dir(profile: str, drive: bool = False) -> str:
-    """The run folder: ``runs/<profile>`` under Google Drive's ``MyDrive/tskd`` (Colab, drive=True),
-    ``/kaggle/working`` (Kaggle) or the checkout."""
-    return str(_base(drive) / "runs" / str(profile))
+    """The run folder of notebooks run by hand: ``runs/notebooks/<profile>`` under Google Drive's ``MyDrive/tskd``
+    (Colab, drive=True), ``/kaggle/working`` (Kaggle) or the checkout. Never a sweep's folder: ``make demo`` and
+    ``reproduce`` write ``runs/<sweep>/<dataset>_n<n>_s<seed>`` and ``runs/<sweep>/results.csv``."""
+    return str(_base(drive) / "runs" / "notebooks" / str(profile))
+
+
+def resolve_dirs(profile: str, drive: bool = False, run_dir: Optional[str] = "",
+                 data_root: Optional[str] = "") -> tuple[str, str]:
+    """The notebooks' ``run_dir`` and ``data_root``: the value given (``TSKD_RUN_DIR``, papermill's ``-p``, an edited
+    parameters cell), or, when it is empty, the default for ``profile`` and ``drive``. Called after the parameters
+    cell, so a profile injected by papermill moves the default folders with it."""
+    run_dir = str(run_dir).strip() if run_dir is not None else ""
+    data_root = str(data_root).strip() if data_root is not None else ""
+    return (run_dir or default_run_dir(profile, drive)), (data_root or default_data_root(drive))
 
 
 # ============================================================================= reporting

@@ -17,8 +17,8 @@ from typing import Callable, Optional, Sequence
 from .reproduce import NOTEBOOKS, RunSpec, SweepError, _fmt, read_status, record_lost, run_one
 
 # what one run asks a scheduler for, by profile: (CPUs, GPUs)
-RESOURCES = {"smoke": (1, 0), "demo": (2, 0), "colab": (4, 1), "paper": (8, 1)}
-SLURM_MINUTES = {"smoke": 30, "demo": 3 * 60, "colab": 24 * 60, "paper": 72 * 60}  # default time limit per run
+RESOURCES = {"smoke": (1, 0), "demo": (2, 0), "cpu": (2, 0), "colab": (4, 1), "paper": (8, 1)}
+SLURM_MINUTES = {"smoke": 30, "demo": 3 * 60, "cpu": 4 * 60, "colab": 24 * 60, "paper": 72 * 60}  # default time limit per run
 POLL_S = 2.0  # how often a remote driver looks at the runs' status.json
 CLUSTER_HINT = 'pip install -e ".[cluster]"'
 

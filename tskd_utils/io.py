@@ -1,6 +1,6 @@
 """Reading and writing the common dataset format, with clear errors and atomic writes.
 
-The format (conventions.md)::
+The format::
 
     <data_root>/<dataset>/
       images/<case>.png   8-bit grayscale

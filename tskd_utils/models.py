@@ -1,7 +1,7 @@
 """Teachers (pretrained foundation-model encoders), segmentation heads and students.
 
 Teachers share one interface (:class:`TeacherEncoder`): ``preprocess`` applies the input
-convention their pretrained weights expect (method.md, "Input conventions"), ``prefix`` runs the
+convention their pretrained weights expect (each class says which: pixel range, mean/std, size), ``prefix`` runs the
 frozen stages before the first LoRA-adapted one, ``suffix`` runs the rest and returns the image
 embedding (B, C, g, g). Splitting there lets CPU profiles compute the expensive frozen stages once
 per image and cache them.

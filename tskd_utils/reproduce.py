@@ -814,12 +814,20 @@ def _minutes(text: str) -> int:
 def main(argv: Optional[list] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tskd_utils.reproduce", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--profile", default="demo")
-    ap.add_argument("--dataset", default="phantom")
-    ap.add_argument("--data-root", type=Path, default=REPO_ROOT / "data")
-    ap.add_argument("--n-labeled", type=lambda t: _ints(t, "--n-labeled", 1), default=[20])
-    ap.add_argument("--seeds", type=lambda t: _ints(t, "--seeds", 0), default=[0])
-    ap.add_argument("--methods", default="all", help="comma-separated method ids, or all")
+    from .config import PROFILES
+    from .run import METHODS
+
+    ap.add_argument("--profile", default="demo", help="how big a run is: " + ", ".join(PROFILES)
+                    + " (sizes and schedules in tskd_utils/config.py; the README's 'Profiles' table)")
+    ap.add_argument("--dataset", default="phantom", help="a dataset folder inside --data-root in the common format "
+                    "(phantom is generated when missing; the others are prepared with data_scripts/prepare_*.py)")
+    ap.add_argument("--data-root", type=Path, default=REPO_ROOT / "data", help="DATA_ROOT: holds <dataset>/")
+    ap.add_argument("--n-labeled", type=lambda t: _ints(t, "--n-labeled", 1), default=[20],
+                    help="labeled training cases, comma-separated for several runs (e.g. 10,20,50)")
+    ap.add_argument("--seeds", type=lambda t: _ints(t, "--seeds", 0), default=[0],
+                    help="seeds, comma-separated (e.g. 0,1,2): each seed draws its own labeled subset and inits")
+    ap.add_argument("--methods", default="all", help="comma-separated student methods, or all: " + ", ".join(METHODS)
+                    + " (the teacher always runs)")
     ap.add_argument("--out", type=Path, required=True, help="RUNS folder")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="profile override, e.g. --set teacher.epochs=5 (repeatable)")
@@ -832,7 +840,7 @@ def main(argv: Optional[list] = None) -> int:
     ap.add_argument("--executor", choices=EXECUTORS, default="local",
                     help="local: here, one run after another; ray: one Ray task per run; slurm: a SLURM array job")
     ap.add_argument("--cpus-per-run", "--slurm-cpus", type=int, default=None,
-                    help="CPUs a run asks Ray/SLURM for (default by profile: smoke 1, demo 2, colab 4, paper 8)")
+                    help="CPUs a run asks Ray/SLURM for (default by profile: smoke 1, demo 2, cpu 2, colab 4, paper 8)")
     ap.add_argument("--gpus-per-run", "--slurm-gpus", type=int, default=None,
                     help="GPUs a run asks Ray/SLURM for (default: 1 for colab/paper, else 0)")
     g = ap.add_argument_group("ray")
@@ -842,7 +850,7 @@ def main(argv: Optional[list] = None) -> int:
     g.add_argument("--slurm-partition", default=None)
     g.add_argument("--slurm-time", type=_minutes, default=None,
                    help="time limit per run (minutes or HH:MM:SS; default by profile: smoke 30 min, demo 3 h, "
-                        "colab 24 h, paper 72 h)")
+                        "cpu 4 h, colab 24 h, paper 72 h)")
     g.add_argument("--slurm-mem-gb", type=int, default=None)
     g.add_argument("--slurm-account", default=None)
     g.add_argument("--slurm-qos", default=None)

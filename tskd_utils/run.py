@@ -1,4 +1,4 @@
-"""The run folder: one dataset, one n_labeled, one seed, one profile (conventions.md).
+"""The run folder: one dataset, one n_labeled, one seed, one profile.
 
 Notebooks pass work to each other only through it::
 

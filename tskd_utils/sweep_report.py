@@ -1,6 +1,7 @@
 """The sweep's report: RUNS/results.csv, RUNS/paired.csv and RUNS/report.md from every finished run in RUNS.
 
-* ``results.csv``: every finished run's rows (conventions.md's columns), then one column per grid axis. A setting
+* ``results.csv``: every finished run's rows (dataset, n_labeled, seed, method, dice, iou, hd95, params_m,
+  latency_ms, profile), then one column per grid axis. A setting
   that was given to some runs of this folder with another value (an earlier sweep's ``--set`` or ``--grid``, or a
   profile that an older version of the repository defined otherwise) becomes a column too, so two experiments are
   never averaged together. A run that is not finished (executing again after a change) is left out, with a note.

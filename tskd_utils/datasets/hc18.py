@@ -8,7 +8,7 @@ Accepted layouts of ``--raw`` (detected automatically):
       RAW/training_set/NNN_HC_Annotation.png    the head as an ellipse OUTLINE (filled here)
       RAW/training_set_pixel_size_and_HC.csv    filename,pixel size(mm),head circumference (mm)
 
-* **filled** (the project's copy in ``../shared/datasets/hc18``, see its SOURCE.md)::
+* **filled** (a copy whose outlines were filled beforehand)::
 
       RAW/images/NNN_HC.png
       RAW/masks/NNN_HC_Annotation.png           already filled, values 0/255 (R=G=B if RGB)
