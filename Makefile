@@ -24,14 +24,18 @@ help:
 	@echo "make clean-cache remove the recomputable caches under runs/ (keeps weights, metrics, notebooks)"
 
 # a virtual environment with the project installed (re-done when pyproject.toml changes)
+# EXTRAS: the optional dependencies (pyproject.toml); Ray and submitit (cluster) only where asked for: `make test`
+# asks for them on a fresh .venv so that the cluster tests run, `make install EXTRAS=dev,cluster` adds them later
+EXTRAS ?= dev
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[dev,cluster]"
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
 install: $(STAMP)
 
+test: EXTRAS = dev,cluster
 test: $(STAMP)
 	$(PY) -m pytest -q
 
@@ -52,7 +56,7 @@ reproduce: $(STAMP)
 		--n-labeled $(N_LABELED) --seeds $(SEEDS) --methods $(METHODS) --executor $(EXECUTOR) --out $(RUNS)
 
 lab: $(STAMP)
-	$(PY) -m pip install -q jupyterlab
+	$(PY) -m pip install -q -e ".[lab]"
 	$(VENV)/bin/jupyter lab notebooks/
 
 # what the runs can recompute on demand: the teacher's cached prefix features (runs/<sweep>/_shared_cache) and each
