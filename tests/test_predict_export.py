@@ -359,3 +359,29 @@ def test_export_refuses_to_overwrite_and_keeps_no_unverified_model(run, exported
         export_student(run, "ts_kd", tmp_path / "bad", measure=False)
     assert not (tmp_path / "bad" / ONNX_NAME).exists() and not list((tmp_path / "bad").glob(".*tmp*"))
     assert json.loads((tmp_path / "bad" / PARITY_NAME).read_text())["parity"]["passed"] is False
+
+
+def test_a_diverged_student_is_refused_by_predict_and_export(run, inputs, tmp_path, capsys):
+    """Weights with NaN (what distill.lr=1e12 used to leave): no all-background masks, no ONNX file."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    copy = tmp_path / "run"
+    shutil.copytree(run.dir, copy, ignore=shutil.ignore_patterns("cache", "_shared_cache"))
+    weights = copy / "students" / "ts_kd" / "student.safetensors"
+    with safe_open(str(weights), "pt") as f:
+        meta = f.metadata()
+    state = load_file(str(weights))
+    key = next(k for k, v in state.items() if v.is_floating_point() and v.numel() > 4)
+    state[key][0] = float("nan")
+    save_file(state, str(weights), metadata=meta)
+    with pytest.raises(predict.NonFiniteModel, match=r"ts_kd .*non-finite logits.*diverged"):
+        predict.predict_files(copy, "ts_kd", inputs, tmp_path / "o")
+    assert not any((tmp_path / "o").rglob("*.png"))
+    assert predict.main(["--run", str(copy), "--input", str(inputs), "--out", str(tmp_path / "o2")]) == 2
+    assert "non-finite logits" in capsys.readouterr().err
+    with pytest.raises(DataError, match=r"ts_kd of .*: \d+ of its weights are NaN or inf.*nothing was exported"):
+        export_student(copy, "ts_kd", tmp_path / "x")
+    assert not (tmp_path / "x").exists()

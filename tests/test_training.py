@@ -126,3 +126,34 @@ def test_warmup_then_cosine():
         opt.step()
         s.step()
     assert lrs[0] < lrs[3] < lrs[4] and lrs[4] == pytest.approx(1.0) and lrs[-1] < 0.05
+
+
+def test_a_diverging_stage_stops_naming_stage_epoch_and_learning_rate(tmp_path):
+    """lr far too high: the weights turn non-finite; the stage stops with an error, keeps its last good
+    checkpoint and writes no final weights (a NaN student never reaches the report)."""
+    stage, model, train, _ = _make(tmp_path)
+
+    def epoch_then_blow_up(e):
+        if e < 2:
+            return {"loss": 0.5}
+        with torch.no_grad():
+            model[0].weight.mul_(1e39)  # what lr=1e12 does after a few steps: inf, then NaN
+            model[0].weight[0, 0] = float("nan")
+        return {"loss": float("nan")}
+
+    with pytest.raises(training.DivergedError, match=r"diverged in epoch 3/5: loss = nan.*learning rate.*lr "):
+        train(epoch_then_blow_up)
+    assert not stage.final_path.exists() and not stage.finished
+    assert stage.ckpt.is_dir()  # epoch 2's checkpoint: a rerun with a lower lr starts over or resumes from it
+
+    # the weights alone are enough to notice (a loss that stayed finite by luck)
+    stage2, model2, train2, _ = _make(tmp_path / "b")
+
+    def nan_weights(e):
+        with torch.no_grad():
+            model2[2].bias.fill_(float("inf"))
+        return {"loss": 0.1}
+
+    with pytest.raises(training.DivergedError, match=r"epoch 1/5: parameter model\.2\.bias holds 1 non-finite"):
+        train2(nan_weights)
+    assert not stage2.final_path.exists()

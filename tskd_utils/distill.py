@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .data import SegmentationDataset, letterbox, loader
-from .features import FeatureCache, images_to_tensor, run_suffix, teacher_inputs, teacher_prefix
+from .features import FeatureCache, images_to_tensor, run_prefix_dtype, run_suffix, teacher_inputs, teacher_prefix
 from .io import DataError, read_image, read_json, read_mask, safe_join, write_json
 from .losses import kd_loss, segmentation_loss
 from .metrics import mean_foreground_dice
@@ -121,7 +121,7 @@ def teacher_targets(run: Run, synthetic: bool = True, kinds: Sequence[str] = ("t
     boxed, valid = teacher_inputs(raw, size_t)
     out_dir, grid = run.cache_dir / "targets", student_grid(run)
     fingerprint = {"version": TARGETS_VERSION, "teacher": teacher_digest(run), "teacher_size": size_t,
-                   "student_size": size_s, "grid": grid, "prefix_dtype": run.profile.teacher.prefix_dtype}
+                   "student_size": size_s, "grid": grid, "prefix_dtype": run_prefix_dtype(run)}
     meta_path = out_dir / "meta.json"
     if meta_path.is_file() and read_json(meta_path) != fingerprint:
         print(f"the teacher or the student's grid changed since {out_dir} was filled: recomputing its targets")
@@ -389,7 +389,7 @@ def teacher_val_labels(run: Run) -> torch.Tensor:
     from .teacher import load_teacher, teacher_digest  # as in _compute_targets: teacher -> evaluate -> distill
 
     cases, size_s = run.splits["val"], run.profile.data.image_size
-    key = value_digest([teacher_digest(run), cases, size_s, run.profile.teacher.prefix_dtype])
+    key = value_digest([teacher_digest(run), cases, size_s, run_prefix_dtype(run)])
     path = run.cache_dir / "targets" / "val_labels.safetensors"
     if path.is_file():
         from safetensors import safe_open

@@ -265,6 +265,10 @@ def export_student(run, method: str = "ts_kd", out="export", overwrite: bool = F
     if existing:
         raise FileExistsError(f"{existing[0]} already exists; pass --overwrite (overwrite=True) to replace it")
     model, size = load_model(run, method, "cpu"), run.profile.data.image_size
+    bad = sum(int((~torch.isfinite(p.detach())).sum()) for p in model.parameters())
+    if bad:
+        raise DataError(f"{method} of {run.dir}: {bad} of its weights are NaN or inf (its training diverged); "
+                        "nothing was exported. Retrain it with a lower learning rate.")
     images, source = parity_images(run, inputs)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / f".{ONNX_NAME}.tmp-{uuid.uuid4().hex[:8]}"

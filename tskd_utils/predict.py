@@ -222,6 +222,10 @@ def overlay_uint8(gray: np.ndarray, labels: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------------- models
 
 
+class NonFiniteModel(RuntimeError):
+    """A model whose output holds NaN or inf (a diverged training): predicting stops, nothing is written."""
+
+
 @dataclass
 class Segmenter:
     """A model ready for single images.
@@ -237,7 +241,11 @@ class Segmenter:
 
     def logits(self, gray: np.ndarray) -> np.ndarray:
         valid = np.array([letterbox_valid(gray.shape, self.input_size)], dtype=np.int64)
-        return self.forward(model_input(gray, self.input_size), valid)[0]
+        out = self.forward(model_input(gray, self.input_size), valid)[0]
+        if not np.isfinite(out).all():
+            raise NonFiniteModel(f"{self.name} gives {int((~np.isfinite(out)).sum())} non-finite logits (NaN/inf): "
+                                 "its training diverged; retrain it with a lower learning rate")
+        return out
 
     def __call__(self, gray: np.ndarray) -> np.ndarray:
         """(H, W) uint8 -> (H, W) uint8 class indices at the image's own size."""
@@ -471,7 +479,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         report = predict_files(args.run, args.method, args.input, args.out, args.overwrite, args.backend,
                                args.onnx, args.device)
-    except (DataError, FileExistsError) as e:
+    except (DataError, FileExistsError, NonFiniteModel) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(report.describe(), file=sys.stderr if report.failures else sys.stdout)

@@ -45,6 +45,22 @@ class StageInterrupted(RuntimeError):
     """Raised when a stage is stopped on purpose after an epoch (tests / fault injection)."""
 
 
+class DivergedError(RuntimeError):
+    """A stage's loss or weights became non-finite (NaN or inf): it stops, keeping its last good checkpoint."""
+
+
+def non_finite(row: dict, modules: dict) -> Optional[str]:
+    """What is not finite after an epoch: a metric of ``row`` or a parameter of ``modules`` (None if all are)."""
+    for key, value in row.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"{key} = {value}"
+    for name, module in modules.items():
+        for pname, p in module.named_parameters() if isinstance(module, torch.nn.Module) else ():
+            if not bool(torch.isfinite(p.detach()).all()):
+                return f"parameter {name}.{pname} holds {int((~torch.isfinite(p.detach())).sum())} non-finite values"
+    return None
+
+
 # ------------------------------------------------------------------------------ seeds & digests
 
 
@@ -374,6 +390,15 @@ class Stage:
             seed_everything(int(seed) * 100_003 + epoch)
             t0 = time.perf_counter()
             row = {"epoch": epoch + 1, **(train_epoch(epoch) or {})}
+            bad = non_finite(row, modules)
+            if bad is not None:
+                bar.close()
+                lr = f" (lr {optimizer.param_groups[0]['lr']:.3g} at this epoch)" if optimizer is not None else ""
+                kept = (f"the last good checkpoint (after epoch {epoch}) stays in {self.ckpt}" if self.ckpt.is_dir()
+                        else "no checkpoint was written")
+                raise DivergedError(
+                    f"[{self.desc}] diverged in epoch {epoch + 1}/{epochs}: {bad}. Likely cause: a learning rate too "
+                    f"high for this model{lr}; lower it and run again. {kept}; no final weights were written.")
             if validate is not None:
                 row.update(validate() or {})
             if optimizer is not None:
