@@ -326,6 +326,14 @@ def test_ensure_dataset_refuses_a_dataset_name_that_leaves_the_data_root(tmp_pat
 
 
 # ------------------------------------------------------------------------- loud load errors
+def test_cases_csv_saved_by_excel_with_a_bom_loads(tmp_path):
+    root = write_dataset(tmp_path / "ds")
+    want = [(c.case, c.subject) for c in load_dataset(root).cases]
+    path = root / "cases.csv"
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert [(c.case, c.subject) for c in load_dataset(root).cases] == want
+
+
 def test_load_errors_name_the_file(tmp_path):
     from tskd_utils.io import load_case
 

@@ -273,6 +273,9 @@ def test_grid_arguments_are_checked(tmp_path):
         check({"teacher.lora_rank": [4]}, {"teacher.lora_rank": 8})
     with pytest.raises(reproduce.SweepError, match="repeats a value"):
         check({"teacher.lora_rank": [4, 4]})
+    with pytest.raises(reproduce.SweepError, match="repeats a value"):  # --grid teacher.epochs=1,1.0: one experiment
+        check({"teacher.epochs": reproduce.parse_grid(["teacher.epochs=1,1.0"])["teacher.epochs"]})
+    assert len(check({"teacher.lr": [0.001, 0.0015]})) == 2
     with pytest.raises(reproduce.SweepError, match="empty item"):
         reproduce.parse_grid(["teacher.lora_rank=4,,8"])
     assert reproduce.parse_grid(["teacher.lora_stages=[1,2],[3]", "teacher.name=tiny"]) == \

@@ -330,7 +330,7 @@ def load_dataset(root: os.PathLike) -> DatasetInfo:
         raise DataError(f"{csv_path} is missing")
     cases, seen = [], set()
     try:
-        with csv_path.open(newline="") as fh:
+        with csv_path.open(newline="", encoding="utf-8-sig") as fh:  # -sig: a BOM, as Excel writes it, is skipped
             reader = csv.DictReader(fh)
             if reader.fieldnames is None or not {"case", "subject"} <= set(reader.fieldnames):
                 raise DataError(f"{csv_path}: expected columns case,subject[,spacing_mm], got {reader.fieldnames}")

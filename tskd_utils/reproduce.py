@@ -80,6 +80,17 @@ def _json_norm(value):
     return json.loads(json.dumps(value))
 
 
+def _same_number(value):
+    """Integral floats as ints (``1.0`` -> ``1``), inside lists and dicts too: for comparing grid values."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, list):
+        return [_same_number(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _same_number(v) for k, v in value.items()}
+    return value
+
+
 def _slug(value) -> str:
     text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
     return re.sub(r"[^A-Za-z0-9.+-]", "_", text)
@@ -650,8 +661,8 @@ def validate(profile: str, dataset: str, data_root: Path, n_labeled: Sequence[in
                              f"{key}")
         if not values:
             raise SweepError(f"--grid {key} has no values")
-        normed = [json.dumps(_json_norm(v), sort_keys=True) for v in values]
-        if len(set(normed)) != len(normed):
+        normed = [json.dumps(_same_number(_json_norm(v)), sort_keys=True) for v in values]
+        if len(set(normed)) != len(normed):  # 1 and 1.0 are one value: two folders would hold one experiment
             raise SweepError(f"--grid {key}: {values} repeats a value")
         for v in values:
             try:
