@@ -115,6 +115,9 @@ def test_grid_sweep_names_columns_and_report(local_sweep):
     report = (out / "report.md").read_text()
     assert "### Dice against teacher.lora_rank" in report and (out / "dice_vs_teacher.lora_rank.png").is_file()
     assert "### Paired comparisons: ts_kd against every other method" in report
+    # the sweep ends with the report's tables printed, not only its path
+    tail = log.split("runs finished in", 1)[1]
+    assert "\n### Dice\n" in tail and "### Paired comparisons: ts_kd" in tail and "| ts_kd |" in tail.replace("**", "")
     paired = pd.read_csv(out / "paired.csv")
     assert set(paired["other"]) >= {"teacher", "scratch"} and set(paired["teacher.lora_rank"]) == {2, 4}
 
@@ -281,3 +284,15 @@ def test_grid_arguments_are_checked(tmp_path):
     assert reproduce.parse_grid(["teacher.lora_stages=[1,2],[3]", "teacher.name=tiny"]) == \
         {"teacher.lora_stages": [[1, 2], [3]], "teacher.name": ["tiny"]}
     assert stats.format_interval(0.01, -0.005, 0.02) == "+1.0 points [-0.5, +2.0]"
+
+
+def test_progress_line_says_which_cell_and_its_latest_output():
+    """make demo / reproduce print where a notebook is (cell, tqdm bar), read from papermill's saved notebook."""
+    pm = {"papermill": {"start_time": "2026-12-02T12:00:00"}}
+    nb = {"cells": [{"cell_type": "markdown", "source": "# x"},
+                    {"cell_type": "code", "metadata": pm, "outputs": [{"text": "run ... | seed 0\n"}]},
+                    {"cell_type": "code", "metadata": pm,
+                     "outputs": [{"text": ["teacher prefix:  10%| | 6/60\r", "teacher prefix:  50%| | 30/60\r"]}]},
+                    {"cell_type": "code", "metadata": {}, "outputs": []}]}
+    assert reproduce.progress_line(nb) == "cell 2/3: teacher prefix:  50%| | 30/60"
+    assert reproduce.progress_line({"cells": [{"cell_type": "code", "metadata": {}, "outputs": []}]}) is None

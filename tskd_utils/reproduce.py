@@ -432,6 +432,60 @@ def _kernel_manager_class(ipc_dir: Optional[Path] = None):
     return IPCKernelManager
 
 
+PROGRESS_S = float(os.environ.get("TSKD_PROGRESS_S", "60"))  # how often a local sweep says where a notebook is
+
+
+def progress_line(notebook: dict) -> Optional[str]:
+    """Where an executing notebook is: ``cell k/n`` and its latest output line (a tqdm bar, a print), from the
+    output notebook papermill keeps saving (at every cell and every 30 s inside one)."""
+    cells = [c for c in notebook.get("cells", []) if c.get("cell_type") == "code"]
+    if not cells:
+        return None
+    meta = [c.get("metadata", {}).get("papermill", {}) for c in cells]
+    started = [i for i, m in enumerate(meta) if m.get("start_time")]
+    if not started:
+        return None
+    k = started[-1]
+    last = ""
+    for c in cells[: k + 1]:
+        for o in c.get("outputs", []):
+            text = o.get("text", "")
+            text = "".join(text) if isinstance(text, list) else str(text)
+            lines = [ln for ln in re.split(r"[\r\n]", text) if ln.strip()]
+            if lines:
+                last = lines[-1].strip()
+    return f"cell {k + 1}/{len(cells)}" + (f": {last[:140]}" if last else "")
+
+
+@contextmanager
+def _watch(path: Path, label: str, every: float = PROGRESS_S) -> Iterator[None]:
+    """Print :func:`progress_line` of the notebook being written at ``path`` every ``every`` s when it changed."""
+    import threading
+
+    stop = threading.Event()
+
+    def loop():
+        said = None
+        while not stop.wait(every):
+            try:
+                line = progress_line(json.loads(path.read_text()))
+            except (OSError, ValueError):
+                continue
+            if line and line != said:
+                print(f"  {label}: {line}", flush=True)
+                said = line
+
+    thread = threading.Thread(target=loop, daemon=True)
+    if every > 0:
+        thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        if every > 0:
+            thread.join(timeout=5)
+
+
 def execute_run(run_dir: Path, params: dict, notebooks_dir: Path, methods: Sequence[str], label: str,
                 log_output: bool = False, announce: bool = True, force: Sequence[str] = (), attempt: str = "") -> dict:
     """Execute the notebooks of one run, skipping those that finished; returns its status.
@@ -466,9 +520,10 @@ def execute_run(run_dir: Path, params: dict, notebooks_dir: Path, methods: Seque
             status["notebooks"][nb] = {"state": "running", "started": started, **({"force": True} if forced else {})}
             write_json(status_path, status)
             try:
-                pm.execute_notebook(str(Path(notebooks_dir) / f"{nb}.ipynb"), str(out_dir / f"{nb}.ipynb"),
-                                    parameters=p, cwd=str(notebooks_dir), kernel_name="python3", progress_bar=False,
-                                    log_output=log_output, **kernel)
+                with _watch(out_dir / f"{nb}.ipynb", f"{label}: {nb}", PROGRESS_S if announce and not log_output else 0):
+                    pm.execute_notebook(str(Path(notebooks_dir) / f"{nb}.ipynb"), str(out_dir / f"{nb}.ipynb"),
+                                        parameters=p, cwd=str(notebooks_dir), kernel_name="python3",
+                                        progress_bar=False, log_output=log_output, **kernel)
             except Exception as e:  # papermill re-raises the cell's error; keep it and stop this run
                 err = getattr(e, "ename", type(e).__name__) + ": " + str(getattr(e, "evalue", e)).strip()[:500]
                 status["notebooks"][nb] = {"state": "failed", "error": err, "seconds": round(time.perf_counter() - t0, 1),
@@ -482,6 +537,29 @@ def execute_run(run_dir: Path, params: dict, notebooks_dir: Path, methods: Seque
     status["seconds"] = round(sum(v.get("seconds", 0) for v in status["notebooks"].values()), 1)
     write_json(status_path, status)
     return status
+
+
+def report_table(report: Path) -> str:
+    """The report's Dice table and its paired comparisons (the first of each), as printed at the end of a sweep."""
+    try:
+        lines = Path(report).read_text().splitlines()
+    except OSError:
+        return ""
+    shown = []
+    for head in ("### Dice", "### Paired comparisons"):
+        start = next((i for i, ln in enumerate(lines) if ln == head or ln.startswith(head + ":")), None)
+        if start is None:
+            continue
+        block, i = [lines[start]], start + 1
+        while i < len(lines) and not lines[i].startswith("|"):  # the lines that say what the table holds
+            if lines[i].strip():
+                block.append(lines[i])
+            i += 1
+        while i < len(lines) and lines[i].startswith("|"):
+            block.append(lines[i])
+            i += 1
+        shown.append("\n".join(block))
+    return "\n\n".join(shown)
 
 
 def _move_aside(path: Path) -> Path:
@@ -771,6 +849,9 @@ def sweep(profile: str, dataset: str, data_root: Path, n_labeled: Sequence[int],
     results = aggregate_locked(out, profile=profile, command=command, failures=failures,
                                wall_seconds=time.perf_counter() - t_all, axes=list(grid))
     print(f"\n{len(specs) - len(failures)}/{len(specs)} runs finished in {_fmt(time.perf_counter() - t_all)}")
+    table = report_table(out / "report.md")
+    if table:
+        print("\n" + table)
     print(f"results: {out / 'results.csv'} ({results} rows)\nreport:  {out / 'report.md'}")
     if failures:
         print("\nFailed runs (re-run the same command to resume them):")
