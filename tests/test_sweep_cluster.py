@@ -296,3 +296,15 @@ def test_progress_line_says_which_cell_and_its_latest_output():
                     {"cell_type": "code", "metadata": {}, "outputs": []}]}
     assert reproduce.progress_line(nb) == "cell 2/3: teacher prefix:  50%| | 30/60"
     assert reproduce.progress_line({"cells": [{"cell_type": "code", "metadata": {}, "outputs": []}]}) is None
+
+
+def test_report_table_takes_only_the_sections_own_tables(tmp_path):
+    report = tmp_path / "report.md"
+    report.write_text("# r\n\n### Dice\n\nmean over seeds\n\n| method | dice |\n|---|---|\n| ts_kd | 0.9 |\n\n"
+                      "### IoU\n\n| method | iou |\n\n### Paired comparisons: ts_kd against every other method\n\n"
+                      "None: ts_kd is not among this section's methods.\n\n### Efficiency (CPU, batch 1, median)\n\n"
+                      "| model | ms |\n|---|---|\n| ts_kd | 7 |\n")
+    table = reproduce.report_table(report)
+    assert "| ts_kd | 0.9 |" in table and "mean over seeds" in table and "| method | iou |" not in table
+    assert "None: ts_kd is not among" in table and "| ts_kd | 7 |" not in table and "Efficiency" not in table
+    assert reproduce.report_table(tmp_path / "missing.md") == ""

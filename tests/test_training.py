@@ -157,3 +157,14 @@ def test_a_diverging_stage_stops_naming_stage_epoch_and_learning_rate(tmp_path):
     with pytest.raises(training.DivergedError, match=r"epoch 1/5: parameter model\.2\.bias holds 1 non-finite"):
         train2(nan_weights)
     assert not stage2.final_path.exists()
+
+
+def test_adapter_weights_are_checked_and_fp16_overflow_batches_are_not_divergence():
+    from tskd_utils.training import StateOf, non_finite
+
+    lora = {"w": torch.zeros(3)}
+    state = StateOf(lambda: lora, lambda sd: lora.update(sd))  # what the LoRA stage passes for its adapters
+    assert non_finite({"loss": 0.1}, {"lora": state}) is None
+    lora["w"][1] = float("nan")
+    assert non_finite({"loss": 0.1}, {"lora": state}) == "parameter lora.w holds 1 non-finite values"
+    assert non_finite({"loss": float("inf")}, {}) == "loss = inf"

@@ -432,7 +432,14 @@ def _kernel_manager_class(ipc_dir: Optional[Path] = None):
     return IPCKernelManager
 
 
-PROGRESS_S = float(os.environ.get("TSKD_PROGRESS_S", "60"))  # how often a local sweep says where a notebook is
+def _progress_seconds() -> float:
+    """How often a local sweep says where a notebook is: ``TSKD_PROGRESS_S`` seconds (default 60; 0: never)."""
+    raw = os.environ.get("TSKD_PROGRESS_S", "60")
+    try:
+        return max(0.0, float(raw))
+    except ValueError:
+        print(f"note: TSKD_PROGRESS_S={raw!r} is not a number of seconds; using 60")
+        return 60.0
 
 
 def progress_line(notebook: dict) -> Optional[str]:
@@ -447,18 +454,17 @@ def progress_line(notebook: dict) -> Optional[str]:
         return None
     k = started[-1]
     last = ""
-    for c in cells[: k + 1]:
-        for o in c.get("outputs", []):
-            text = o.get("text", "")
-            text = "".join(text) if isinstance(text, list) else str(text)
-            lines = [ln for ln in re.split(r"[\r\n]", text) if ln.strip()]
-            if lines:
-                last = lines[-1].strip()
+    for o in cells[k].get("outputs", []):  # the running cell's own output: a stream, or a widget's text form
+        text = o.get("text", o.get("data", {}).get("text/plain", ""))
+        text = "".join(text) if isinstance(text, list) else str(text)
+        lines = [ln for ln in re.split(r"[\r\n]", text) if ln.strip()]
+        if lines:
+            last = lines[-1].strip()
     return f"cell {k + 1}/{len(cells)}" + (f": {last[:140]}" if last else "")
 
 
 @contextmanager
-def _watch(path: Path, label: str, every: float = PROGRESS_S) -> Iterator[None]:
+def _watch(path: Path, label: str, every: float = 60.0) -> Iterator[None]:
     """Print :func:`progress_line` of the notebook being written at ``path`` every ``every`` s when it changed."""
     import threading
 
@@ -502,7 +508,7 @@ def execute_run(run_dir: Path, params: dict, notebooks_dir: Path, methods: Seque
     status.update(state="running", host=socket.gethostname(), pid=os.getpid(), started=time.time(), attempt=attempt)
     for key in ("error", "notebook", "seconds"):
         status.pop(key, None)
-    start = time.perf_counter()
+    start, every = time.perf_counter(), _progress_seconds()
     with _kernel_ipc_dir() as ipc:
         km = _kernel_manager_class(ipc)
         kernel = {"kernel_manager_class": km} if km else {}
@@ -520,7 +526,7 @@ def execute_run(run_dir: Path, params: dict, notebooks_dir: Path, methods: Seque
             status["notebooks"][nb] = {"state": "running", "started": started, **({"force": True} if forced else {})}
             write_json(status_path, status)
             try:
-                with _watch(out_dir / f"{nb}.ipynb", f"{label}: {nb}", PROGRESS_S if announce and not log_output else 0):
+                with _watch(out_dir / f"{nb}.ipynb", f"{label}: {nb}", every if announce and not log_output else 0):
                     pm.execute_notebook(str(Path(notebooks_dir) / f"{nb}.ipynb"), str(out_dir / f"{nb}.ipynb"),
                                         parameters=p, cwd=str(notebooks_dir), kernel_name="python3",
                                         progress_bar=False, log_output=log_output, **kernel)
@@ -551,11 +557,11 @@ def report_table(report: Path) -> str:
         if start is None:
             continue
         block, i = [lines[start]], start + 1
-        while i < len(lines) and not lines[i].startswith("|"):  # the lines that say what the table holds
+        while i < len(lines) and not lines[i].startswith(("|", "#")):  # the lines that say what the table holds
             if lines[i].strip():
                 block.append(lines[i])
             i += 1
-        while i < len(lines) and lines[i].startswith("|"):
+        while i < len(lines) and lines[i].startswith("|"):  # none when the section has no table
             block.append(lines[i])
             i += 1
         shown.append("\n".join(block))

@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import SegmentationDataset, build_transform, loader
-from .features import images_to_tensor, teacher_prefix, valid_tensor
+from .features import images_to_tensor, run_prefix_dtype, teacher_prefix, valid_tensor
 from .io import read_json, write_json
 from .losses import segmentation_loss
 from .metrics import mean_foreground_dice
@@ -230,7 +230,8 @@ def fit_head(head: torch.nn.Module, emb_train: torch.Tensor, train_masks: torch.
 def train_frozen(run: Run, encoder: TeacherEncoder, data: Callable[[], TeacherData], force: bool = False):
     """The frozen-encoder baseline: (head, history, trained now?). ``data`` is called only when training is needed."""
     t = run.profile.teacher
-    inputs = {"split": run.split_digest("labeled", "val"), **run.settings("teacher"), "seed": run.seed,
+    inputs = {"split": run.split_digest("labeled", "val"), **run.settings("teacher"),
+              "prefix_dtype": run_prefix_dtype(run), "seed": run.seed,
               "loss": source_digest(segmentation_loss)}
     for k in ("epochs", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "head_lr"):
         inputs["teacher"].pop(k)
@@ -317,7 +318,8 @@ def train_lora(run: Run, encoder: TeacherEncoder, frozen_head, data: Callable[[]
     lora_encoder = peft_model.get_base_model()
     model = TeacherSegmenter(lora_encoder, run.info.n_classes, t.head_channels, t.head).to(run.device)
     model.head.load_state_dict(frozen_head.state_dict())
-    inputs = {"split": run.split_digest("labeled", "val"), **run.settings("teacher"), "seed": run.seed,
+    inputs = {"split": run.split_digest("labeled", "val"), **run.settings("teacher"),
+              "prefix_dtype": run_prefix_dtype(run), "seed": run.seed,
               "frozen head": file_digest(run.teacher_dir / "frozen_head.safetensors"),
               "lora config": value_digest(config.to_dict()), "loss": source_digest(loss_fn)}
     # a caller that names no loss / LoRA config (e.g. a later notebook making sure a teacher exists) takes any
