@@ -27,13 +27,14 @@ help:
 # EXTRAS: the optional dependencies (pyproject.toml); Ray and submitit (cluster) only where asked for: `make test`
 # asks for them on a fresh .venv so that the cluster tests run, `make install EXTRAS=dev,cluster` adds them later
 EXTRAS ?= dev
-# CPU=1: PyTorch's CPU-only wheel first (no CUDA libraries: a laptop, Binder), then the project, which keeps it
+# CPU=1: PyTorch's CPU-only torch and torchvision (timm needs it) first (no CUDA libraries: a laptop, Binder),
+# then the project, which keeps them
 CPU ?= 0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	if [ "$(CPU)" = 1 ]; then $(PY) -m pip install -q "torch>=2.6" --index-url $(TORCH_CPU_INDEX); fi
+	if [ "$(CPU)" = 1 ]; then $(PY) -m pip install -q "torch>=2.6" torchvision --index-url $(TORCH_CPU_INDEX); fi
 	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 

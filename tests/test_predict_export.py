@@ -385,3 +385,24 @@ def test_a_diverged_student_is_refused_by_predict_and_export(run, inputs, tmp_pa
     with pytest.raises(DataError, match=r"ts_kd of .*: \d+ of its weights are NaN or inf.*nothing was exported"):
         export_student(copy, "ts_kd", tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_the_readmes_predict_and_export_commands_run_as_written(run, inputs, tmp_path):
+    """README, "Use a trained student on your own images": the three commands, on this smoke run."""
+    import shlex
+    import subprocess
+    import sys
+
+    from test_readme_commands import readme_commands
+
+    cmds = [c for c in readme_commands() if c.startswith(("python -m tskd_utils.predict", "python -m tskd_utils.export"))]
+    assert len(cmds) == 3
+    for cmd in cmds:
+        argv = [sys.executable] + shlex.split(cmd)[1:]
+        argv = [str(run.dir) if a == "runs/demo/phantom_n20_s0" else str(inputs) if a == "my_images/" else a
+                for a in argv]
+        done = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, f"{cmd}\n{done.stdout}\n{done.stderr[-3000:]}"
+    assert (tmp_path / "export" / "ts_kd" / "model.onnx").is_file()
+    for out in ("predictions", "predictions_onnx"):
+        assert len(list((tmp_path / out / "masks").glob("*.png"))) >= 3

@@ -470,7 +470,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--input", type=Path, required=True, help=f"an image or a folder of images: {SUPPORTED}")
     ap.add_argument("--out", type=Path, required=True, help="output folder (masks/ and overlays/)")
     ap.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-    ap.add_argument("--backend", choices=("torch", "onnx"), default="torch")
+    ap.add_argument("--backend", choices=("torch", "onnx"), default="torch",
+                    help="torch: the run's weights (default); onnx: an exported model.onnx, no run folder needed")
     ap.add_argument("--onnx", type=Path, help="the exported model.onnx (with --backend onnx)")
     ap.add_argument("--device", default=None, help="torch device (default: the run's)")
     args = ap.parse_args(argv)

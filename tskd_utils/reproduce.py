@@ -945,13 +945,13 @@ def main(argv: Optional[list] = None) -> int:
     g.add_argument("--ray-address", default=None, help="an existing Ray cluster (e.g. auto or ray://head:10001); "
                    "default: $RAY_ADDRESS, else a Ray runtime started on this machine")
     g = ap.add_argument_group("slurm (through submitit)")
-    g.add_argument("--slurm-partition", default=None)
+    g.add_argument("--slurm-partition", default=None, help="the SLURM partition (sbatch --partition)")
     g.add_argument("--slurm-time", type=_minutes, default=None,
                    help="time limit per run (minutes or HH:MM:SS; default by profile: smoke 30 min, demo 3 h, "
                         "cpu 4 h, colab 24 h, paper 72 h)")
-    g.add_argument("--slurm-mem-gb", type=int, default=None)
-    g.add_argument("--slurm-account", default=None)
-    g.add_argument("--slurm-qos", default=None)
+    g.add_argument("--slurm-mem-gb", type=int, default=None, help="memory per run in GB (sbatch --mem)")
+    g.add_argument("--slurm-account", default=None, help="the account to charge (sbatch --account)")
+    g.add_argument("--slurm-qos", default=None, help="quality of service (sbatch --qos)")
     g.add_argument("--slurm-parallelism", type=int, default=None, help="at most this many runs at once")
     g.add_argument("--slurm-setup", action="append", default=[], metavar="CMD",
                    help="a shell line run before each job, e.g. 'source .venv/bin/activate' (repeatable)")
