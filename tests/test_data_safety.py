@@ -291,15 +291,16 @@ def test_mask_forms_read_as_what_they_show(tmp_path):
 
 
 def test_ensure_dataset_waits_for_a_phantom_another_process_is_generating(tmp_path, capsys):
-    from tskd_utils.datasets import ensure_dataset
+    from tskd_utils.datasets import ensure_dataset, get_converter
 
+    get_converter("phantom")  # imported before the race starts: a slow import on a loaded machine lost it
     entered, errors = threading.Event(), []
 
     def other():  # stands in for a second sweep that started generating the phantom first
         try:
             with DatasetWriter(tmp_path / "phantom", dict(META, name="phantom")) as w:
                 entered.set()
-                time.sleep(1.0)
+                time.sleep(2.0)
                 w.add_case("p0", "s0", np.zeros((8, 8), np.uint8), np.zeros((8, 8), np.uint8))
         except BaseException as e:  # pragma: no cover - reported below
             errors.append(e)
@@ -350,3 +351,26 @@ def test_load_errors_name_the_file(tmp_path):
     (root / "dataset.json").write_bytes(b"\xff\xfe{")
     with pytest.raises(DataError, match=r"dataset\.json: malformed JSON"):
         load_dataset(root)
+
+
+def test_weights_get_the_mode_of_every_other_file_and_failed_writes_leave_no_temporary(tmp_path):
+    """safetensors writes 0600: collaborators on a shared cluster folder could not read the models."""
+    import torch
+
+    from tskd_utils.io import FILE_MODE, atomic_write, write_json
+    from tskd_utils.training import save_weights
+
+    save_weights(tmp_path / "w.safetensors", {"m": torch.nn.Linear(2, 2)})
+    write_json(tmp_path / "a.json", {"x": 1})
+    assert (tmp_path / "w.safetensors").stat().st_mode & 0o777 == FILE_MODE
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == FILE_MODE
+    before = (tmp_path / "a.json").read_text()
+
+    def fails(tmp):
+        tmp.write_text("half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        atomic_write(tmp_path / "a.json", fails)
+    assert (tmp_path / "a.json").read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "w.safetensors"]  # no temporary left

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from .data import SegmentationDataset, letterbox, loader
 from .features import FeatureCache, images_to_tensor, run_prefix_dtype, run_suffix, teacher_inputs, teacher_prefix
-from .io import DataError, read_image, read_json, read_mask, safe_join, write_json
+from .io import DataError, read_image, read_json, read_mask, safe_join, save_safetensors, write_json
 from .losses import kd_loss, segmentation_loss
 from .metrics import mean_foreground_dice
 from .models import build_student, build_supervised_unet, student_feature_grid
@@ -384,7 +384,7 @@ def check_classes(run: Run, method: str, student: Optional[nn.Module] = None) ->
 def teacher_val_labels(run: Run) -> torch.Tensor:
     """The selected teacher's labels of the validation images at the student's size (N, S, S), computed once and
     cached beside the teacher targets (``cache/targets/val_labels.safetensors``, keyed by the teacher's weights)."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     from .teacher import load_teacher, teacher_digest  # as in _compute_targets: teacher -> evaluate -> distill
 
@@ -403,10 +403,7 @@ def teacher_val_labels(run: Run) -> torch.Tensor:
     prefix = teacher_prefix(run, teacher.encoder, cases, boxed, valid)
     logits = torch.cat(run_suffix(lambda h: teacher.from_prefix(h)[1], prefix, run.device))
     labels = F.interpolate(logits, size=(size_s, size_s), mode="area").argmax(1).to(torch.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({"labels": labels.contiguous()}, str(tmp), metadata={"key": key})
-    tmp.replace(path)
+    save_safetensors(path, {"labels": labels.contiguous()}, metadata={"key": key})
     return labels.long()
 
 

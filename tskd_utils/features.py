@@ -17,8 +17,6 @@ bottom/right) and the teacher normalises **the image itself**, not the padding
 from __future__ import annotations
 
 import hashlib
-import os
-import uuid
 import warnings
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -26,11 +24,11 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from .data import letterbox, letterbox_valid
-from .io import DataError, safe_join
+from .io import DataError, safe_join, save_safetensors
 from .training import cpu_bf16_supported
 
 PREFIX_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
@@ -57,13 +55,7 @@ class FeatureCache:
         """Write one entry atomically (a temporary file renamed into place). The temporary name is unique
         to this writer: runs of a sweep share the cache and may fill the same entry at the same time
         (the last rename wins; both wrote the same features)."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.dir / f".{key}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        try:
-            save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-            tmp.replace(self.path(key))
-        finally:
-            tmp.unlink(missing_ok=True)
+        save_safetensors(self.path(key), {k: v.contiguous().cpu() for k, v in tensors.items()})
 
     def load_all(self, key: str) -> dict:
         path = self.path(key)

@@ -561,13 +561,38 @@ def sha256sum(path: os.PathLike, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def write_json(path: os.PathLike, obj) -> None:
-    """Write JSON atomically (temp file + rename)."""
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK  # what open() gives a new file: weights get it too (safetensors writes 0600)
+
+
+def atomic_write(path: os.PathLike, write) -> Path:
+    """Write ``path`` all or nothing: ``write(tmp)`` fills a temporary beside it (a name unique to this writer),
+    which gets the mode every other file gets and is renamed into place; on any failure the temporary is removed
+    and ``path`` is left as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:6]}")
-    tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
-    tmp.replace(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        write(tmp)
+        os.chmod(tmp, FILE_MODE)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def save_safetensors(path: os.PathLike, tensors: dict, metadata: Optional[dict] = None) -> Path:
+    """safetensors' ``save_file``, atomically and with the usual file mode (see :func:`atomic_write`)."""
+    from safetensors.torch import save_file
+
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+def write_json(path: os.PathLike, obj) -> None:
+    """Write JSON atomically (see :func:`atomic_write`)."""
+    text = json.dumps(obj, indent=2, default=_json_default) + "\n"
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def read_json(path: os.PathLike) -> dict:

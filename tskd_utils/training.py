@@ -33,10 +33,10 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from .io import DataError, read_json, sha256sum, write_json
+from .io import DataError, read_json, save_safetensors, sha256sum, write_json
 
 STOP_ENV = "TSKD_STOP_AFTER_EPOCH"  # fault injection for tests: "<stage dir name>:<epoch>"
 
@@ -141,17 +141,13 @@ def _flat_state(modules: dict) -> dict:
 
 def save_weights(path: Path, modules: dict, metadata: Optional[dict] = None) -> None:
     """Save the state of several modules into one safetensors file (atomically)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
     flat = _flat_state(modules)
     seen, out = set(), {}  # safetensors refuses tensors that share memory; clone those
     for k, v in flat.items():
         ptr = (v.data_ptr(), v.numel())
         out[k] = v.clone() if ptr in seen else v
         seen.add(ptr)
-    save_file(out, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
-    tmp.replace(path)
+    save_safetensors(path, out, metadata={k: str(v) for k, v in (metadata or {}).items()})
 
 
 def load_weights(path: Path, modules: dict, strict: bool = True) -> None:

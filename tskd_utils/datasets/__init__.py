@@ -61,6 +61,10 @@ def ensure_dataset(dataset: str, data_root: Path, phantom_cases: int = 300, seed
             print(f"note: another process is generating {root}; waiting for it (up to {wait_s:.0f} s)")
             wait_for_conversion(root, wait_s)
             return ensure_dataset(dataset, data_root, phantom_cases, seed, wait_s)
+        except FileExistsError:  # another process finished it between the check above and the lock
+            if (root / "dataset.json").is_file():
+                return ensure_dataset(dataset, data_root, phantom_cases, seed, wait_s)
+            raise
     hint = dataset.split("_")[0]
     raise DataError(
         f"dataset {dataset!r} not found at {root}. Prepare it first, e.g. "
