@@ -204,8 +204,8 @@ def _demo() -> Profile:
         default_n_labeled=20,
         device="auto",
         data=DataConfig(image_size=128, max_train=220, max_val=40, max_test=100, phantom_cases=180),
-        # the prefix in float32: the same features on every CPU (bfloat16 is emulated, about 6x slower than float32,
-        # on CPUs without bf16 instructions: features.effective_prefix_dtype)
+        # the prefix in float32: the same features on every CPU (bfloat16 is emulated, 14x slower than float32, on
+        # CPUs without bf16 instructions: features.effective_prefix_dtype)
         teacher=TeacherConfig(
             name="litemedsam", input_size=256, lora_rank=8, lora_alpha=16,
             lora_targets=("qkv", "proj", "fc1", "fc2"), lora_stages=(3,), cache_prefix=True, prefix_dtype="float32",
