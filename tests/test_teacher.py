@@ -169,19 +169,21 @@ def test_prefix_cache_matches_live_prefix_and_is_reused(tmp_path):
 def test_feature_cache_survives_two_writers_of_one_entry(tmp_path, monkeypatch):
     """Runs of a sweep share the cache: another writer may finish the same entry while this one is
     between writing and renaming (CI saw a fixed temporary name raise FileNotFoundError here)."""
+    import safetensors.torch
+
     from tskd_utils import features
 
     cache = features.FeatureCache(tmp_path)
-    real_save = features.save_file
+    real_save = safetensors.torch.save_file
     other = {"x": torch.ones(2, 3)}
     mine = {"x": torch.full((2, 3), 2.0)}
 
-    def save_then_other_writer_finishes(tensors, path):
-        real_save(tensors, path)
-        monkeypatch.setattr(features, "save_file", real_save)
+    def save_then_other_writer_finishes(tensors, path, metadata=None):
+        real_save(tensors, path, metadata=metadata)
+        monkeypatch.setattr(safetensors.torch, "save_file", real_save)
         cache.save("ph0013-abc", other)  # the other run writes and renames the same entry meanwhile
 
-    monkeypatch.setattr(features, "save_file", save_then_other_writer_finishes)
+    monkeypatch.setattr(safetensors.torch, "save_file", save_then_other_writer_finishes)
     cache.save("ph0013-abc", mine)
     assert torch.equal(cache.load("ph0013-abc"), mine["x"])  # the last rename wins, nothing raised
     assert [p.name for p in tmp_path.iterdir()] == ["ph0013-abc.safetensors"]  # no temporary left
