@@ -278,7 +278,7 @@ def test_sam_decoder_head_needs_litemedsam():
 
 
 def test_bf16_prefix_only_where_the_cpu_has_it(monkeypatch):
-    """bfloat16 on a CPU without bf16 instructions is emulated (14x slower here): float32, with one warning."""
+    """bfloat16 on a CPU without bf16 instructions is emulated (10x slower here): float32, with one warning."""
     import warnings
 
     from tskd_utils import features

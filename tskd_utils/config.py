@@ -204,7 +204,7 @@ def _demo() -> Profile:
         default_n_labeled=20,
         device="auto",
         data=DataConfig(image_size=128, max_train=220, max_val=40, max_test=100, phantom_cases=180),
-        # the prefix in float32: the same features on every CPU (bfloat16 is emulated, 14x slower than float32, on
+        # the prefix in float32: the same features on every CPU (bfloat16 is emulated, 10x slower than float32, on
         # CPUs without bf16 instructions: features.effective_prefix_dtype)
         teacher=TeacherConfig(
             name="litemedsam", input_size=256, lora_rank=8, lora_alpha=16,

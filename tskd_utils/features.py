@@ -106,7 +106,7 @@ _BF16_WARNED: list = []  # the fallback warning is given once per process
 def effective_prefix_dtype(dtype: str, device: str) -> str:
     """The type the prefix really runs in: ``teacher.prefix_dtype``, except bfloat16 on a CPU without bfloat16
     instructions (AVX512-BF16, AMX), where it is emulated and many times slower than float32 (the demo's prefix,
-    LiteMedSAM stages 0-2 at 256 px: 110 against 7.9 s per image on a loaded 2-core AVX2-only AMD EPYC): float32
+    LiteMedSAM stages 0-2 at 256 px: 16.8 against 1.7 s per image on a 2-core AVX2-only AMD EPYC): float32
     there, with a warning. The caches are named by it."""
     if dtype not in PREFIX_DTYPES:
         raise KeyError(f"unknown teacher.prefix_dtype {dtype!r}; choose one of: {', '.join(PREFIX_DTYPES)}")
