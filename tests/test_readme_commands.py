@@ -29,6 +29,7 @@ LONG = {
     "python -m tskd_utils.predict": "run on a smoke run: tests/test_predict_export.py",
     "python -m tskd_utils.export": "run on a smoke run: tests/test_predict_export.py",
     "python data_scripts/download_": "downloads (network); tested with the network mocked: tests/test_download.py",
+    "python benchmarks/": "timings, minutes each (docs/benchmarks.md), never in the tests",
     "conda env create": "conda and the network",
     "conda activate": "conda",
     "pip install": "the network (make install runs it)",
