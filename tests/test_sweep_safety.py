@@ -68,7 +68,7 @@ def _args(fakes, out, seeds="0", methods="ts_kd,scratch", *extra):
     (["--dataset", "../x"], "a dataset is a folder name"),
     (["--grid", "teacher.lora_rank=4,,8"], "has an empty item"),
     (["--grid", "teacher.lora_rnk=4"], "unknown profile setting 'teacher.lora_rnk'"),
-    (["--set", "teacher.epochs=many"], "expected a int"),
+    (["--set", "teacher.epochs=many"], "expected an integer"),
 ])
 def test_bad_arguments_stop_before_any_work(tmp_path, capsys, args, message):
     (tmp_path / "data" / "toy").mkdir(parents=True)

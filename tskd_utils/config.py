@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import typing
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
@@ -328,7 +330,8 @@ def _coerce(value: Any, current: Any, key: str) -> Any:
             try:
                 return type(current)(value)
             except ValueError:
-                raise ValueError(f"override {key}={value!r}: expected a {type(current).__name__}") from None
+                raise ValueError(f"override {key}={value!r}: expected "
+                                 f"{'an integer' if isinstance(current, int) else 'a number'}") from None
     if isinstance(current, tuple) and isinstance(value, list):
         return tuple(value)
     if isinstance(current, bool) and not isinstance(value, bool):
@@ -338,6 +341,111 @@ def _coerce(value: Any, current: Any, key: str) -> Any:
             raise ValueError(f"override {key}={value!r}: expected an integer")
         return int(value)
     return value
+
+
+# ------------------------------------------------------------------------------- the settings' schema
+
+_INF = float("inf")
+# The valid range of every number (a field named by its last part holds in every section; a dotted name overrides
+# it): (low, high) inclusive, or (low, high, "above") for low < value <= high. Integers stay integers, floats must be
+# finite; Optional[...] fields also take None.
+_POS = (0.0, 10.0, "above")
+RANGES: dict[str, tuple] = {
+    "epochs": (1, 100_000), "head_epochs": (1, 100_000), "vae_epochs": (1, 100_000),
+    "warmup_epochs": (0, 100_000), "warmup_steps": (0, 10_000_000), "steps_per_epoch": (0, 10_000_000),
+    "batch_size": (1, 65_536), "sample_batch_size": (1, 65_536),
+    "lr": _POS, "head_lr": _POS, "vae_lr": _POS, "weight_decay": (0.0, 10.0), "max_grad_norm": (0.0, _INF, "above"),
+    "image_size": (16, 4096), "input_size": (16, 4096), "sample_size": (8, 4096),
+    "max_train": (1, _INF), "max_val": (1, _INF), "max_test": (1, _INF),
+    "data.val_fraction": (0.0, 0.9, "above"), "data.test_fraction": (0.0, 0.9, "above"), "data.phantom_cases": (10, 1_000_000),
+    "num_workers": (0, 256),
+    "lora_rank": (1, 4096), "lora_alpha": (0.0, 1e6, "above"), "lora_dropout": (0.0, 0.99), "cached_augmentations": (0, 1000),
+    "head_channels": (1, 4096), "decoder_channels": (1, 4096),
+    "n_synthetic": (0, 10_000_000), "layers_per_block": (1, 16), "train_timesteps": (2, 100_000),
+    "ema_decay": (0.0, 1.0), "latent_channels": (1, 64), "vae_kl_weight": (0.0, 1e6), "sampling_steps": (1, 100_000),
+    "feature_weight": (0.0, 1e6), "output_weight": (0.0, 1e6), "temperature": (0.0, 1e3, "above"),
+    "n_unlabeled": (0, _INF), "mae_mask_ratio": (0.0, 0.99), "mae_decoder_dim": (1, 4096),
+    "mae_decoder_depth": (1, 64), "moco_temperature": (0.0, 1e3, "above"), "moco_momentum": (0.0, 1.0), "moco_dim": (1, 4096),
+    "moco_hidden": (1, 65_536),
+    "latency_repeats": (1, 100_000), "latency_warmup": (0, 100_000), "n_overlay": (0, 10_000),
+    "default_n_labeled": (1, _INF),
+}
+# The values a text setting takes (teacher and student names are checked by tskd_utils.models, which owns them)
+CHOICES: dict[str, tuple] = {
+    "device": ("auto", "cpu", "cuda"),
+    "teacher.prefix_dtype": ("float32", "bfloat16"), "student.cpu_dtype": ("float32", "bfloat16"),
+    "teacher.head": ("conv", "sam_decoder"),
+    "teacher.lora_targets": ("qkv", "proj", "fc1", "fc2"),  # each item
+    "diffusion.beta_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2"),
+    "diffusion.prediction_type": ("epsilon", "v_prediction"), "diffusion.sampler": ("ddim", "dpm"),
+    "distill.lost_class": ("error", "warn"),
+}
+
+
+def _in_range(value: float, bounds: tuple) -> bool:
+    low, high, *above = bounds
+    return (low < value if above else low <= value) and value <= high
+
+
+def _fmt_range(bounds: tuple) -> str:
+    low, high, *above = bounds
+    return ("above " if above else "from ") + f"{low:g}" + ("" if high == _INF else f" to {high:g}")
+
+
+def _check_value(key: str, value: Any, hint: Any) -> None:
+    """One setting against its annotated type, RANGES and CHOICES; ValueError naming the key, value and range."""
+    optional = type(None) in getattr(hint, "__args__", ())
+    if value is None:
+        if optional:
+            return
+        raise ValueError(f"setting {key}=None: a value is required")
+    base = next((a for a in getattr(hint, "__args__", (hint,)) if a is not type(None)), hint)
+    base = getattr(base, "__origin__", base)
+    ok = {bool: lambda v: isinstance(v, bool),
+          int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+          str: lambda v: isinstance(v, str), tuple: lambda v: isinstance(v, tuple)}.get(base, lambda v: True)
+    if not ok(value):
+        want = {bool: "true or false", int: "an integer", float: "a finite number", str: "a text",
+                tuple: "a list"}.get(base, str(base))
+        raise ValueError(f"setting {key}={value!r}: expected {want}")
+    bounds = RANGES.get(key, RANGES.get(key.rsplit(".", 1)[-1]))
+    if bounds is not None and base in (int, float) and not _in_range(value, bounds):
+        raise ValueError(f"setting {key}={value!r} is out of range: valid {_fmt_range(bounds)}")
+    choices = CHOICES.get(key)
+    if choices is not None:
+        for item in value if isinstance(value, tuple) else (value,):
+            if item not in choices:
+                raise ValueError(f"setting {key}={value!r}: {item!r} is not one of {', '.join(map(str, choices))}")
+
+
+def check_profile(profile: Profile) -> Profile:
+    """Every setting of ``profile`` checked for type and range before any work (``ValueError`` naming the setting,
+    its value and the valid range); also the settings that only make sense together."""
+
+    def walk(node: Any, prefix: str) -> None:
+        hints = typing.get_type_hints(type(node))
+        for f in fields(node):
+            value, key = getattr(node, f.name), prefix + f.name
+            if is_dataclass(value):
+                walk(value, key + ".")
+            elif f.name not in LABEL_KEYS or prefix:
+                _check_value(key, value, hints[f.name])
+
+    walk(profile, "")
+    d = profile.data
+    if d.val_fraction + d.test_fraction >= 0.95:
+        raise ValueError(f"settings data.val_fraction={d.val_fraction} + data.test_fraction={d.test_fraction} leave "
+                         f"no training cases: keep their sum below 0.95")
+    for key in ("image_size",):
+        if getattr(d, key) % 16:
+            raise ValueError(f"setting data.{key}={getattr(d, key)}: must be a multiple of 16 (the U-Nets halve it "
+                             f"four times)")
+    stages = profile.teacher.lora_stages
+    if stages is not None and (not stages or any(isinstance(s, bool) or not isinstance(s, int) or s < 0
+                                                 for s in stages)):
+        raise ValueError(f"setting teacher.lora_stages={stages!r}: a list of stage numbers >= 0, or null for all")
+    return profile
 
 
 def apply_overrides(profile: Profile, overrides: Optional[dict] = None) -> Profile:
@@ -355,7 +463,7 @@ def apply_overrides(profile: Profile, overrides: Optional[dict] = None) -> Profi
                 getattr(target, name)):
             raise KeyError(f"unknown profile setting {key!r}; valid keys: {', '.join(valid_keys())}")
         setattr(target, name, _coerce(value, getattr(target, name), key))
-    return profile
+    return check_profile(profile)
 
 
 def valid_keys(obj: Any = None, prefix: str = "") -> list[str]:
@@ -457,5 +565,6 @@ __all__ = [
     "DataConfig", "TeacherConfig", "DiffusionConfig", "StudentConfig", "DistillConfig", "FinetuneConfig",
     "SupervisedConfig",
     "EvalConfig", "Profile", "PROFILES", "get_profile", "apply_overrides", "profile_to_dict",
-    "profile_from_dict", "resolve_device", "env_default", "valid_keys", "replace",
+    "profile_from_dict", "resolve_device", "env_default", "valid_keys", "replace", "check_profile", "RANGES",
+    "CHOICES",
 ]

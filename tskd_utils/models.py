@@ -306,6 +306,11 @@ def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
         return False
 
 
+def check_teacher_name(name: str) -> None:
+    if name not in TEACHERS:
+        raise KeyError(f"unknown teacher {name!r}; choose one of: {', '.join(TEACHERS)}")
+
+
 def build_teacher(name: str, input_size: int, pretrained: bool = True, weights: Optional[str] = None
                   ) -> TeacherEncoder:
     """The teacher encoder registry."""
@@ -328,7 +333,8 @@ def build_teacher(name: str, input_size: int, pretrained: bool = True, weights: 
                                        window_size=4, global_attn_indexes=(1,), use_rel_pos=True, neck_chans=32,
                                        num_classes=0)
         return SamViTEncoder(vit, "tiny", input_size)
-    raise KeyError(f"unknown teacher {name!r}; choose one of: {', '.join(TEACHERS)}")
+    check_teacher_name(name)
+    raise AssertionError(name)  # every name of TEACHERS is built above
 
 
 # ====================================================================================== heads

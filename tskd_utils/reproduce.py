@@ -718,8 +718,42 @@ def _check_out(out: Path) -> None:
         probe = probe.parent
     if not probe.is_dir():
         raise SweepError(f"--out {out}: {probe} is a file, so the folder cannot be created")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise SweepError(f"--out {out}: {probe} is not writable")
+    try:  # by writing: os.access says yes to root everywhere, also on read-only and virtual file systems (/proc)
+        fd, tmp = tempfile.mkstemp(prefix=".tskd-probe-", dir=probe)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise SweepError(f"--out {out}: cannot write in {probe} ({e.strerror or e})") from None
+
+
+MAX_SEED = 2 ** 32 - 1  # numpy's and torch's seeds
+
+
+def _check_sizes(prof, dataset: str, data_root: Path, n_labeled: Sequence[int]) -> None:
+    """--n-labeled against the train pool: the split itself for a prepared dataset, the phantom's size otherwise."""
+    from .data import make_splits
+    from .io import load_dataset
+
+    d = prof.data
+    ds = Path(data_root) / dataset
+    if (ds / "dataset.json").is_file():
+        try:
+            info = load_dataset(ds)
+        except DataError:
+            return  # notebook 01 says what is wrong with the dataset, naming the file
+        for n in n_labeled:
+            try:
+                make_splits(info, n, 0, d.val_fraction, d.test_fraction, max_train=d.max_train, max_val=d.max_val,
+                            max_test=d.max_test)
+            except DataError as e:
+                raise SweepError(f"--n-labeled {n}: {e}") from None
+        return
+    most = min(d.phantom_cases, d.max_train or d.phantom_cases)
+    for n in n_labeled:
+        if n > most:
+            raise SweepError(f"--n-labeled {n}: the phantom of this profile has {d.phantom_cases} cases"
+                             + (f" and a train pool of at most {d.max_train}" if d.max_train else "")
+                             + f"; choose fewer labeled cases")
 
 
 def validate(profile: str, dataset: str, data_root: Path, n_labeled: Sequence[int], seeds: Sequence[int], out: Path,
@@ -727,14 +761,16 @@ def validate(profile: str, dataset: str, data_root: Path, n_labeled: Sequence[in
     """Check every argument before any work; returns the grid's settings (one dict per combination)."""
     from .config import get_profile
 
-    get_profile(profile, overrides)  # an unknown profile or --set key fails here (KeyError / ValueError)
-    for what, values, minimum in (("--n-labeled", n_labeled, 1), ("--seeds", seeds, 0)):
+    from .models import check_student_name, check_teacher_name
+
+    prof = get_profile(profile, overrides)  # an unknown profile, --set key or bad value fails here (Key/ValueError)
+    for what, values, minimum, most in (("--n-labeled", n_labeled, 1, 10 ** 9), ("--seeds", seeds, 0, MAX_SEED)):
         values = list(values)
         if not values:
             raise SweepError(f"{what} is empty: give at least one value")
         for v in values:
-            if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-                raise SweepError(f"{what}: {v!r} is not an integer >= {minimum}")
+            if isinstance(v, bool) or not isinstance(v, int) or not minimum <= v <= most:
+                raise SweepError(f"{what}: {v!r} is not an integer from {minimum} to {most}")
         if len(set(values)) != len(values):
             raise SweepError(f"{what}: {values} repeats a value")
     for key, values in grid.items():
@@ -750,18 +786,29 @@ def validate(profile: str, dataset: str, data_root: Path, n_labeled: Sequence[in
             raise SweepError(f"--grid {key}: {values} repeats a value")
         for v in values:
             try:
-                get_profile(profile, {**overrides, key: v})
+                one = get_profile(profile, {**overrides, key: v})
+                check_teacher_name(one.teacher.name)
+                check_student_name(one.student.name)
             except KeyError as e:
                 raise SweepError(f"--grid {key}: {e.args[0]}") from None
             except ValueError as e:
                 raise SweepError(f"--grid {key}={v!r}: {e}") from None
+    try:
+        check_teacher_name(prof.teacher.name)
+        check_student_name(prof.student.name)
+    except KeyError as e:
+        raise SweepError(e.args[0]) from None
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", dataset):
         raise SweepError(f"--dataset {dataset!r}: a dataset is a folder name in data_root (letters, digits, . _ -)")
     ds = Path(data_root) / dataset
+    for path in (Path(data_root), ds):
+        if path.exists() and not path.is_dir():
+            raise SweepError(f"--data-root {data_root}: {path} is a file, not a folder")
     if dataset != "phantom" and not (ds / "dataset.json").is_file():
         raise SweepError(f"--dataset {dataset}: {ds / 'dataset.json'} not found. Prepare the dataset first, e.g. "
                          f"`python data_scripts/prepare_<name>.py --raw RAW --out {data_root}` (README's dataset "
                          f"table), pass the right --data-root, or use --dataset phantom (generated)")
+    _check_sizes(prof, dataset, data_root, n_labeled)
     _check_out(Path(out))
     missing = [nb for nb in NOTEBOOKS if not (Path(notebooks_dir) / f"{nb}.ipynb").is_file()]
     if missing:
