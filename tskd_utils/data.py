@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .io import DataError, DatasetInfo, load_case, read_image
+from .io import DataError, DatasetInfo, load_case, read_image, read_mask
 
 # ---------------------------------------------------------------------------- letterbox geometry
 
@@ -307,22 +307,38 @@ def make_splits(info: DatasetInfo, n_labeled: int, seed: int, val_fraction: floa
     }
 
 
+def _class_pixels(info: DatasetInfo, cases: Optional[Sequence[str]] = None):
+    """(pixels, pixels per class) of each case's mask (of ``cases``, else all), reading masks only."""
+    names = set(cases) if cases is not None else None
+    for rec in info.cases:
+        if names is None or rec.case in names:
+            mask = read_mask(rec.mask, n_classes=info.n_classes)
+            yield mask.size, np.bincount(mask.ravel(), minlength=info.n_classes)
+
+
 def class_balance(info: DatasetInfo, cases: Optional[Sequence[str]] = None) -> dict:
     """Fraction of pixels per class and the fraction of cases in which each class appears."""
-    names = set(cases) if cases is not None else None
     pix = np.zeros(info.n_classes, dtype=np.float64)
     present = np.zeros(info.n_classes, dtype=np.int64)
     n = 0
-    for rec in info.cases:
-        if names is not None and rec.case not in names:
-            continue
-        _, mask = load_case(info, rec)
-        counts = np.bincount(mask.ravel(), minlength=info.n_classes)[: info.n_classes]
-        pix += counts / mask.size
+    for size, counts in _class_pixels(info, cases):
+        pix += counts / size
         present += counts > 0
         n += 1
     return {"class": info.classes, "pixel_fraction": (pix / max(n, 1)).tolist(),
             "cases_with_class": (present / max(n, 1)).tolist()}
+
+
+def check_classes_present(info: DatasetInfo, cases: Sequence[str]) -> None:
+    """Refuse a class of dataset.json that no mask of ``cases`` contains: every case would score its Dice as 1
+    (empty prediction against empty mask) and lift every method's mean alike."""
+    total = sum((counts for _, counts in _class_pixels(info, cases)), np.zeros(info.n_classes, dtype=np.int64))
+    missing = [f"{name!r} (mask value {k})" for k, name in enumerate(info.classes) if not total[k]]
+    if missing:
+        raise DataError(f"{info.root / 'dataset.json'} declares class(es) {', '.join(missing)} that no mask of this "
+                        f"run's {len(cases)} train, val and test cases contains (their Dice would be 1 on every case); "
+                        f"remove them from 'classes' in dataset.json (renumbering the masks if one is not the last), "
+                        f"or add labelled cases that contain them")
 
 
 def dataset_summary(info: DatasetInfo) -> dict:

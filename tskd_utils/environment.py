@@ -149,8 +149,10 @@ def default_run_dir(profile: str, drive: bool = False) -> str:
 def resolve_dirs(profile: str, drive: bool = False, run_dir: Optional[str] = "",
                  data_root: Optional[str] = "") -> tuple[str, str]:
     """The notebooks' ``run_dir`` and ``data_root``: the value given (``TSKD_RUN_DIR``, papermill's ``-p``, an edited
-    parameters cell), or, when it is empty, the default for ``profile`` and ``drive``. Called after the parameters
-    cell, so a profile injected by papermill moves the default folders with it."""
+    parameters cell), or, when it is empty (``""``, blanks or None: the parameters cell's default, also when papermill
+    passes ``-p run_dir ''``), the default for ``profile`` and ``drive``, never the working directory
+    (:func:`tskd_utils.run.setup_run` refuses an empty folder). Called after the parameters cell, so a profile
+    injected by papermill moves the default folders with it."""
     run_dir = str(run_dir).strip() if run_dir is not None else ""
     data_root = str(data_root).strip() if data_root is not None else ""
     return (run_dir or default_run_dir(profile, drive)), (data_root or default_data_root(drive))

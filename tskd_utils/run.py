@@ -14,16 +14,17 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import numbers
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
 from . import __version__
-from .config import Profile, flat_settings, get_profile, profile_to_dict, resolve_device
-from .data import make_splits
+from .config import PROFILES, Profile, flat_settings, get_profile, profile_to_dict, resolve_device
+from .data import check_classes_present, make_splits
 from .datasets import ensure_dataset
 from .environment import record as record_environment
-from .io import DataError, DatasetInfo, load_dataset, read_json, write_json
+from .io import DataError, DatasetInfo, check_name, load_dataset, read_json, write_json
 from .training import derive_seed, value_digest
 
 # the students' methods (one student architecture, six pretrainings), then the practitioner's U-Net trained on the
@@ -159,6 +160,40 @@ def _config_dict(profile: Profile, dataset: str, data_root: Path, n_labeled: int
 
 
 SPLIT_KEYS = ("val_fraction", "test_fraction", "max_train", "max_val", "max_test")
+# what a run folder holds besides hidden files (a sweep's lock): a folder without config.json that holds anything
+# else is not a run folder, and setup_run writes nothing into it
+RUN_ENTRIES = ("config.json", "splits.json", "environment.json", "status.json", "results.csv", "notebooks", "teacher",
+               "synthetic", "cache", "students", "metrics", "figures")
+
+
+def _folder_arg(name: str, value) -> Path:
+    """``value`` as a folder path, or a DataError naming the parameter: empty (that would be the working directory)
+    or an existing file."""
+    if value is None or not str(value).strip():
+        raise DataError(f"{name}={value!r} is empty: give a folder (setup_run never uses the working directory "
+                        f"by default; the notebooks turn an empty {name} into their default folder)")
+    path = Path(value).resolve()
+    if path.exists() and not path.is_dir():
+        raise DataError(f"{name}={str(value)!r}: {path} is a file, not a folder")
+    return path
+
+
+def _count_arg(name: str, value, low: int, expected: str) -> int:
+    """``value`` as an integer >= ``low``, or a DataError naming the parameter and what it ``expected``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise DataError(f"{name}={value!r} is not valid: expected {expected}")
+    return int(value)
+
+
+def _check_run_folder(run_dir: Path) -> None:
+    """Refuse a non-empty folder that is not a run folder: setup_run would write beside someone else's files."""
+    if not run_dir.is_dir() or (run_dir / "config.json").is_file():
+        return
+    other = sorted(p.name for p in run_dir.iterdir() if not p.name.startswith(".") and p.name not in RUN_ENTRIES)
+    if other:
+        raise DataError(f"run_dir {run_dir} holds other files ({', '.join(other[:5])}"
+                        f"{', ...' if len(other) > 5 else ''}) and no config.json: it is not a run folder; give a new "
+                        f"or empty folder (or an earlier run's folder) as run_dir")
 
 
 def setup_run(run_dir, profile: str = "demo", dataset: str = "phantom", data_root="data",
@@ -168,17 +203,24 @@ def setup_run(run_dir, profile: str = "demo", dataset: str = "phantom", data_roo
 
     The dataset, n_labeled, seed and profile of a run folder are fixed once it exists; other settings
     (``overrides``) may change between sessions: the stages that read a changed setting are recomputed
-    (each stage compares what it was trained from), the others are reused.
+    (each stage compares what it was trained from), the others are reused. Every argument and the split are
+    checked before anything is written; ``run_dir`` must be new, empty or a run folder (it has config.json).
     """
+    run_dir, data_root = _folder_arg("run_dir", run_dir), _folder_arg("data_root", data_root)
+    if not isinstance(profile, str) or profile not in PROFILES:
+        raise DataError(f"profile={profile!r} is not a known profile; choose one of: {', '.join(PROFILES)}")
+    check_name(dataset, "dataset name", "the dataset argument (a folder in data_root)")
+    n_labeled = _count_arg("n_labeled", 0 if n_labeled is None else n_labeled, 0,
+                           "an integer >= 1 (0 or None: the profile's default)")
+    seed = _count_arg("seed", seed, 0, "an integer >= 0")
+    _check_run_folder(run_dir)
     overrides = json.loads(json.dumps(dict(overrides or {})))  # as it reads back from config.json
     prof = get_profile(profile, overrides)
-    if n_labeled is not None and (isinstance(n_labeled, bool) or int(n_labeled) < 0):
-        raise DataError(f"n_labeled must be a positive integer (0: the profile's default), got {n_labeled!r}")
-    n_labeled = int(n_labeled) if n_labeled else prof.default_n_labeled
-    run_dir, data_root = Path(run_dir).resolve(), Path(data_root).resolve()
+    n_labeled = n_labeled or prof.default_n_labeled
     cfg_path = run_dir / "config.json"
     wanted = _config_dict(prof, dataset, data_root, n_labeled, seed, overrides)
-    if cfg_path.is_file():
+    rewrite = not cfg_path.is_file()
+    if not rewrite:
         have = read_json(cfg_path)
         for key in ("dataset", "n_labeled", "seed", "profile"):
             if have.get(key) != wanted[key]:
@@ -193,20 +235,23 @@ def setup_run(run_dir, profile: str = "demo", dataset: str = "phantom", data_roo
             print(f"note: profile {profile!r} changed since {cfg_path} was written (this version of the repository "
                   f"defines it otherwise); stages that read a changed setting will be recomputed")
         if have.get("overrides") != overrides or have.get("resolved_profile", resolved) != resolved:
-            write_json(cfg_path, {**wanted, "created": have.get("created", wanted["created"])})
+            wanted, rewrite = {**wanted, "created": have.get("created", wanted["created"])}, True
     if prepare:
         ensure_dataset(dataset, data_root, phantom_cases=prof.data.phantom_cases)
     run = Run(run_dir, prof, dataset, data_root, n_labeled, seed, overrides)
+    splits = _new_split(run)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if not cfg_path.is_file():
+    if rewrite:
         write_json(cfg_path, wanted)
     record_environment(run_dir)  # environment.json: versions, platform, device of this session (and earlier ones)
-    _ensure_split(run)
+    if splits is not None:
+        write_json(run_dir / "splits.json", splits)
     return run
 
 
-def _ensure_split(run: Run) -> None:
-    """Write splits.json if missing; refuse a split made with other data settings."""
+def _new_split(run: Run) -> Optional[dict]:
+    """The split to write as splits.json (None when it exists); refuse one made with other data settings, and a
+    class of dataset.json that no mask of the split contains."""
     d = run.profile.data
     split_settings = {k: getattr(d, k) for k in SPLIT_KEYS}
     path = run.dir / "splits.json"
@@ -215,10 +260,11 @@ def _ensure_split(run: Run) -> None:
         if have != split_settings:
             raise DataError(f"{path} was made with data settings {have}, not {split_settings}: the split of a "
                             f"run folder is fixed, use another run_dir")
-        return
+        return None
     splits = make_splits(run.info, run.n_labeled, run.seed, d.val_fraction, d.test_fraction,
                          max_train=d.max_train, max_val=d.max_val, max_test=d.max_test)
-    write_json(path, {**splits, "settings": split_settings})
+    check_classes_present(run.info, splits["train"] + splits["val"] + splits["test"])
+    return {**splits, "settings": split_settings}
 
 
 def load_run(run_dir) -> Run:
