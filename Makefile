@@ -13,7 +13,7 @@ RUNS ?= runs/$(DATASET)-$(PROFILE)
 METHODS ?= all
 EXECUTOR ?= local
 
-.PHONY: install demo test test-fast test-notebooks reproduce lab clean-cache clean-runs help
+.PHONY: install lock demo test test-fast test-notebooks reproduce lab clean-cache clean-runs help
 
 help:
 	@echo "make demo        [SEED=0] the whole pipeline on the embedded phantom (CPU, offline; see README for the time)"
@@ -31,12 +31,24 @@ EXTRAS ?= dev
 # then the project, which keeps them
 CPU ?= 0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
-$(STAMP): pyproject.toml
+# PINNED=1 (the default on Linux x86-64): every package at its version in $(LOCK), used as pip constraints;
+# PINNED=0 (the default elsewhere): the newest releases within pyproject.toml's ranges
+LOCK ?= requirements/lock-linux-x86_64.txt
+PINNED ?= $(if $(filter Linux-x86_64,$(shell uname -s)-$(shell uname -m)),1,0)
+PIN := $(if $(filter 1,$(PINNED)),-c $(LOCK))
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	if [ "$(CPU)" = 1 ]; then $(PY) -m pip install -q "torch>=2.6" torchvision --index-url $(TORCH_CPU_INDEX); fi
-	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	if [ "$(CPU)" = 1 ]; then $(PY) -m pip install -q "torch>=2.6" torchvision $(PIN) --index-url $(TORCH_CPU_INDEX); fi
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]" $(PIN)
 	touch $(STAMP)
+
+# the lock file from pyproject.toml (its header says how it is used)
+lock: $(STAMP)
+	$(PY) -m pip install -q uv
+	$(VENV)/bin/uv pip compile pyproject.toml --extra dev --extra cluster --extra lab --python-version 3.11 \
+		--python-platform x86_64-manylinux_2_28 -c requirements/torch-pin.txt --no-header -o $(LOCK).new
+	{ sed -n '/^#/p;/^[^#]/q' $(LOCK); cat $(LOCK).new; } > $(LOCK).tmp && rm $(LOCK).new && mv $(LOCK).tmp $(LOCK)
 
 install: $(STAMP)
 

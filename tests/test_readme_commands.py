@@ -22,6 +22,7 @@ LONG = {
     "make test-notebooks": "the nbval runs of the notebooks, about 4 minutes",
     "make install": "pip install into .venv: minutes, 2.4 to 7 GB",
     "make lab": "starts JupyterLab (interactive)",
+    "make lock": "resolves the lock file against the registry (network); tests/test_lock.py checks the result",
     "make reproduce": "a sweep: one demo run per (n_labeled, seed), 30 min or more each",
     "python -m tskd_utils.reproduce": "a sweep (see make reproduce); its argument checks: tests/test_sweep_safety.py",
     "python -m tskd_utils.environment --sync": "rewrites the notebooks' badges after a version bump "
