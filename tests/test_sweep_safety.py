@@ -243,6 +243,30 @@ def test_missing_student_after_the_run_fails_loudly(tmp_path, fakes):
     assert code == 0, log  # the next sweep executes notebook 04 again
 
 
+def test_a_full_disk_fails_the_run_naming_the_path_and_the_next_sweep_resumes(tmp_path, fakes, monkeypatch):
+    import errno
+
+    out, real = tmp_path / "runs", reproduce.write_json
+
+    def full_disk(path, obj):  # the status write after notebook 02 finished hits a full disk
+        if Path(path).name == "status.json" and obj["notebooks"].get("02_teacher_lora_finetuning", {}).get(
+                "state") == "done":
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, obj)
+
+    monkeypatch.setattr(reproduce, "write_json", full_disk)
+    code, log = _main(_args(fakes, out))
+    assert code == 1 and "Traceback" not in log
+    status_path = out / "toy_n4_s0" / "status.json"
+    assert (f"FAILED in 02_teacher_lora_finetuning: OSError: No space left on device writing {status_path} (the disk "
+            f"is full: free space, then re-run the same command to resume)") in log
+    assert json.loads(status_path.read_text())["state"] == "failed"
+    assert not list(status_path.parent.glob(".status.json.tmp*"))
+    monkeypatch.setattr(reproduce, "write_json", real)
+    code, log = _main(_args(fakes, out))
+    assert code == 0, log
+
+
 @pytest.mark.slow
 def test_run_folder_made_with_other_settings_is_not_reused(tmp_path, fakes):
     out = tmp_path / "runs"

@@ -33,6 +33,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import itertools
 import json
 import os
@@ -580,9 +581,30 @@ def run_one(spec: RunSpec) -> dict:
     run_dir = Path(spec.run_dir)
     try:
         with run_lock(run_dir, timeout=LOCK_WAIT_S, command=spec.command):
-            return _run_locked(spec, run_dir)
+            try:
+                return _run_locked(spec, run_dir)
+            except OSError as e:  # a full disk, a folder that became read-only: this run fails, the sweep goes on
+                return _write_failure(run_dir, e)
     except RunLocked as e:
         return {"state": "refused", "notebook": "lock", "error": str(e), "notebooks": {}}
+
+
+def _write_failure(run_dir: Path, e: OSError) -> dict:
+    """The status of a run stopped by a file-system error, naming the path; written to status.json where possible
+    (on a full disk it may not be: the next sweep then finds a 'running' status of a dead process and resumes)."""
+    where = f" writing {e.filename}" if e.filename else ""
+    hint = " (the disk is full: free space, then re-run the same command to resume)" if e.errno == errno.ENOSPC else ""
+    status = read_status(run_dir)
+    nb = next((n for n, v in status.get("notebooks", {}).items() if v.get("state") == "running"), "sweep")
+    error = f"{type(e).__name__}: {e.strerror or e}{where}{hint}"
+    if nb in status.get("notebooks", {}):
+        status["notebooks"][nb] = dict(status["notebooks"][nb], state="failed", error=error)
+    status.update(state="failed", notebook=nb, error=error)
+    try:
+        write_json(run_dir / "status.json", status)
+    except OSError:
+        pass
+    return status
 
 
 def _run_locked(spec: RunSpec, run_dir: Path) -> dict:
