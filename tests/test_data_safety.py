@@ -41,7 +41,7 @@ def snapshot(root: Path) -> dict:
 
 # ------------------------------------------------------------------------------- the name rule
 @pytest.mark.parametrize("bad", ["", "../x", "..", ".hidden", "a/b", "a\\b", "/etc/passwd", "C:x", "a\x00b",
-                                 "tab\there", "line\n", "del\x7f"])
+                                 "tab\there", "line\n", "del\x7f", "x" * 201, "é" * 101])
 def test_check_name_refuses_names_that_are_not_one_plain_path_component(bad):
     with pytest.raises(DataError, match=r"cases\.csv line 7: case name .*") as e:
         check_name(bad, "case name", "cases.csv line 7")
@@ -351,6 +351,12 @@ def test_load_errors_name_the_file(tmp_path):
     (root / "dataset.json").write_bytes(b"\xff\xfe{")
     with pytest.raises(DataError, match=r"dataset\.json: malformed JSON"):
         load_dataset(root)
+    from tskd_utils.data import dataset_summary
+
+    root = write_dataset(tmp_path / "ds3")
+    (root / "images" / "c1.png").write_bytes(b"")  # a 0-byte image: the summary of notebook 01 names it
+    with pytest.raises(DataError, match=r"c1\.png: not a readable image"):
+        dataset_summary(load_dataset(root))
 
 
 def test_weights_get_the_mode_of_every_other_file_and_failed_writes_leave_no_temporary(tmp_path):

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .io import DataError, DatasetInfo, load_case, read_image, read_mask
+from .io import DataError, DatasetInfo, image_size, load_case, read_image, read_mask
 
 # ---------------------------------------------------------------------------- letterbox geometry
 
@@ -345,12 +345,7 @@ def dataset_summary(info: DatasetInfo) -> dict:
     """Counts and image sizes of a dataset (reads image headers only)."""
     from collections import Counter
 
-    from PIL import Image
-
-    sizes = Counter()
-    for rec in info.cases:
-        with Image.open(rec.image) as im:
-            sizes[im.size] += 1
+    sizes = Counter(image_size(rec.image) for rec in info.cases)
     per_subject = Counter(c.subject for c in info.cases)
     frames = sorted(per_subject.values())
     return {

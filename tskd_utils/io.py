@@ -25,6 +25,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 import threading
 import uuid
 from dataclasses import dataclass
@@ -53,13 +54,17 @@ def _has_control(text: str) -> bool:
     return any(ord(ch) < 32 or ord(ch) == 127 for ch in text)
 
 
+MAX_NAME_BYTES = 200  # a case name becomes a file name with a suffix (".png", ".tmp-..."); file systems stop at 255
+
+
 def check_name(name, what: str, where: str) -> str:
     """Return ``name`` if it can be one plain file or folder name, else raise :class:`DataError`.
 
     The rule for every name taken from data that becomes part of a path (case, class and dataset
     names), applied on load and on write: not empty, no path separator (``/`` or ``\\``), not
     absolute (nor a drive such as ``C:``), not starting with ``.`` (so neither ``..`` nor hidden),
-    no control characters. ``what`` says what the name is and ``where`` where it came from, e.g.
+    no control characters, at most MAX_NAME_BYTES bytes in UTF-8. ``what`` says what the name is and ``where``
+    where it came from, e.g.
     ``check_name(row["case"], "case name", f"{csv_path} line 7")``.
     """
     if not isinstance(name, str) or not name:
@@ -70,6 +75,8 @@ def check_name(name, what: str, where: str) -> str:
         problem = "starts with '.'"
     elif _has_control(name):
         problem = "contains a control character"
+    elif len(name.encode("utf-8")) > MAX_NAME_BYTES:
+        problem = f"is {len(name.encode('utf-8'))} bytes long (at most {MAX_NAME_BYTES}: file names stop at 255)"
     elif PureWindowsPath(name).anchor or os.path.isabs(name):
         problem = "is an absolute path or a drive"
     else:
@@ -134,19 +141,27 @@ def window_to_uint8(arr: np.ndarray, source, percentiles=WINDOW_PERCENTILES) -> 
     return np.clip(np.round((arr - lo) / (hi - lo) * 255.0), 0, 255).astype(np.uint8)
 
 
-def _open(path: Path, what: str, kind: str = "") -> Image.Image:
-    """The loaded image, or a DataError naming the file ("not a readable<kind> image")."""
+def _open(path: Path, what: str, kind: str = "", load: bool = True) -> Image.Image:
+    """The loaded image (``load=False``: its header only), or a DataError naming the file ("not a readable<kind>
+    image")."""
     if not path.is_file():
         raise DataError(f"{what} file not found: {path}")
     im = None
     try:
         im = Image.open(path)
-        im.load()
+        if load:
+            im.load()
         return im
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         if im is not None:
             im.close()
         raise DataError(f"{path}: not a readable{kind} image ({type(e).__name__}: {e})") from None
+
+
+def image_size(path: os.PathLike, *, what: str = "image") -> tuple[int, int]:
+    """(width, height) from the file's header, or a DataError naming the file."""
+    with _open(Path(path), what, load=False) as im:
+        return im.size
 
 
 def read_image(path: os.PathLike, *, what: str = "image") -> np.ndarray:
@@ -589,10 +604,41 @@ def save_safetensors(path: os.PathLike, tensors: dict, metadata: Optional[dict] 
     return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
-def write_json(path: os.PathLike, obj) -> None:
-    """Write JSON atomically (see :func:`atomic_write`)."""
-    text = json.dumps(obj, indent=2, default=_json_default) + "\n"
+def write_json(path: os.PathLike, obj, strict: bool = False) -> None:
+    """Write JSON atomically (see :func:`atomic_write`); ``strict``: standard JSON, NaN and +-inf written as null."""
+    text = json.dumps(_finite(obj) if strict else obj, indent=2, default=_json_default, allow_nan=not strict) + "\n"
     atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def _finite(o):
+    """``o`` with every NaN and +-inf (numpy's too) replaced by None: what standard JSON can hold."""
+    if isinstance(o, dict):
+        return {k: _finite(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple, np.ndarray)):
+        return [_finite(v) for v in (o.tolist() if isinstance(o, np.ndarray) else o)]
+    if isinstance(o, (float, np.floating)):
+        return float(o) if np.isfinite(o) else None
+    return o
+
+
+def check_writable_dir(path: os.PathLike, what: str = "output folder") -> Path:
+    """``path`` if it is a folder, or can be made one, that this process can create files in; else a
+    :class:`DataError` naming it. Tried, not looked up (``os.access`` says yes to root everywhere): a probe file is
+    created and removed in ``path`` or, if it does not exist yet, its nearest existing parent."""
+    path = Path(path)
+    base = path
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if not base.is_dir():
+        raise DataError(f"{what} {path} is a file, not a folder" if base == path else
+                        f"{what} {path} cannot be made: {base} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=base)
+    except OSError as e:
+        raise DataError(f"{what} {path}: cannot create files in {base} ({e.strerror or e})") from None
+    os.close(fd)
+    os.unlink(probe)
+    return path
 
 
 def read_json(path: os.PathLike) -> dict:
