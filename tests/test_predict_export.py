@@ -17,7 +17,8 @@ import torch
 from PIL import Image
 
 from tskd_utils import evaluate, predict
-from tskd_utils.export import CARD_NAME, ONNX_NAME, PARITY_NAME, ParityError, export_student, onnx_session
+from tskd_utils.export import CARD_NAME, FAILED_NAME, ONNX_NAME, PARITY_NAME, ParityError, export_student, \
+    onnx_session
 from tskd_utils.io import DataError, read_image, read_mask
 
 from conftest import make_toy_dataset
@@ -357,8 +358,32 @@ def test_export_refuses_to_overwrite_and_keeps_no_unverified_model(run, exported
     monkeypatch.setattr("tskd_utils.export.onnx_forward", broken)
     with pytest.raises(ParityError, match="fails the parity check"):
         export_student(run, "ts_kd", tmp_path / "bad", measure=False)
-    assert not (tmp_path / "bad" / ONNX_NAME).exists() and not list((tmp_path / "bad").glob(".*tmp*"))
-    assert json.loads((tmp_path / "bad" / PARITY_NAME).read_text())["parity"]["passed"] is False
+    assert sorted(p.name for p in (tmp_path / "bad").iterdir()) == [FAILED_NAME]  # no model, no temporary
+    assert json.loads((tmp_path / "bad" / FAILED_NAME).read_text())["parity"]["passed"] is False
+
+
+def test_a_failed_export_leaves_the_previous_one_as_it_was(run, exported, tmp_path, monkeypatch, capsys):
+    """--overwrite over a good export when the parity check fails (here: NaN logits): model.onnx, parity.json and
+    MODEL_CARD.md stay as they were and no temporary is left; the failed check is in parity.failed.json, standard
+    JSON (NaN as null). The next good export replaces the files and removes parity.failed.json."""
+    import shutil
+
+    from tskd_utils.export import main as export_main
+
+    out = tmp_path / "export"
+    shutil.copytree(exported[0], out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real = predict.onnx_forward
+    monkeypatch.setattr("tskd_utils.export.onnx_forward", lambda session: lambda x: real(session)(x) * np.nan)
+    status = export_main(["--run", str(run.dir), "--out", str(out), "--overwrite", "--no-latency"])
+    err = capsys.readouterr().err
+    assert status == 2 and "fails the parity check" in err and str(out / FAILED_NAME) in err, err
+    failed = json.loads((out / FAILED_NAME).read_text(), parse_constant=lambda c: pytest.fail(f"{c} in {FAILED_NAME}"))
+    assert failed["parity"]["passed"] is False and failed["parity"]["max_abs_diff"] is None
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != FAILED_NAME} == before
+    monkeypatch.undo()
+    export_student(run, "ts_kd", out, overwrite=True, measure=False)
+    assert not (out / FAILED_NAME).exists() and json.loads((out / PARITY_NAME).read_text())["parity"]["passed"]
 
 
 def test_a_diverged_student_is_refused_by_predict_and_export(run, inputs, tmp_path, capsys):

@@ -5,7 +5,14 @@
     python -m tskd_utils.export --run RUN_DIR --method ts_kd --out DIR [--overwrite] [--inputs PATH ...]
 
 writes ``DIR/model.onnx`` (input ``image``: float32 (B, 1, S, S) in [0, 1], dynamic batch; output
-``logits``: (B, K, S, S)), ``DIR/parity.json`` and ``DIR/MODEL_CARD.md``.
+``logits``: (B, K, S, S)), ``DIR/parity.json`` (standard JSON: a NaN or inf is written as null) and
+``DIR/MODEL_CARD.md``.
+
+**All or nothing**: ``DIR`` must be a folder this process can write in (tried before any export
+work); the three files are made in a temporary folder inside ``DIR`` and moved into place only
+when the parity check passes and all three are written. Any failure leaves an earlier export in
+``DIR`` exactly as it was; a failed parity check writes its record to ``DIR/parity.failed.json``
+instead (the next successful export removes it).
 
 **Parity check** (right after export; a model that fails it is not kept under ``model.onnx``):
 onnxruntime and torch run the same real inputs (the run's test images; without the dataset, the
@@ -28,10 +35,10 @@ Python numbers as constants (TracerWarnings); it is used only if the dynamo expo
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
+import shutil
 import sys
 import time
 import uuid
@@ -41,11 +48,12 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from .io import DataError
+from .io import DataError, check_writable_dir, sha256sum, write_json
 from .predict import find_inputs, label_map, load_model, model_input, onnx_forward, open_run, to_gray_uint8, \
     torch_forward
 
 ONNX_NAME, PARITY_NAME, CARD_NAME = "model.onnx", "parity.json", "MODEL_CARD.md"
+FAILED_NAME = "parity.failed.json"  # the record of a failed parity check; the export in the folder is left alone
 LOGIT_TOLERANCE = 1e-4  # max |onnx - torch| <= LOGIT_TOLERANCE * max(1, max |torch logits|)
 MIN_PIXEL_AGREEMENT = 0.999  # of mask pixels at the original size
 PARITY_BATCH = 8
@@ -70,8 +78,6 @@ def export_onnx(model: torch.nn.Module, size: int, path: Path) -> dict:
         program = torch.onnx.export(model, (example,), input_names=["image"], output_names=["logits"],
                                     dynamic_shapes=({0: batch},), dynamo=True, external_data=False,
                                     verbose=False)
-        program.save(str(path), external_data=False)
-        exporter, note = "torch.onnx dynamo (torch.export)", None
     except Exception as e:  # noqa: BLE001 - any exporter failure: fall back, then parity decides
         note = f"dynamo export failed ({type(e).__name__}: {str(e)[:200]}); used the TorchScript exporter"
         print(f"note: {note}", file=sys.stderr)
@@ -79,6 +85,9 @@ def export_onnx(model: torch.nn.Module, size: int, path: Path) -> dict:
                           dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False,
                           opset_version=17)
         exporter = "torch.onnx TorchScript (dynamo=False)"
+    else:  # writing the file is no part of the exporter: its errors are not the dynamo exporter's
+        program.save(str(path), external_data=False)
+        exporter, note = "torch.onnx dynamo (torch.export)", None
     proto = onnx.load(str(path))
     onnx.checker.check_model(proto)
     opset = max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
@@ -234,32 +243,20 @@ def describe_student(model: torch.nn.Module) -> str:
             f"depth {len(blocks) if blocks is not None else '?'}, heads {heads}) + light conv decoder")
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:6]}")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    tmp.replace(path)
-
-
 def export_student(run, method: str = "ts_kd", out="export", overwrite: bool = False,
                    inputs: Optional[Sequence] = None, measure: bool = True) -> dict:
     """Export, verify, time and describe a student; returns what ``parity.json`` records.
 
-    Raises :class:`ParityError` (after writing ``parity.json`` with ``passed: false`` and removing
-    the unverified model) when onnxruntime does not reproduce torch within the stated tolerance.
+    All or nothing (see the module docstring): raises :class:`ParityError`, after writing
+    ``out/parity.failed.json`` with ``passed: false`` and leaving any earlier export in ``out`` as it
+    was, when onnxruntime does not reproduce torch within the stated tolerance.
     """
     from .modelcard import write_model_card
 
     run, out = open_run(run), Path(out)
     if method == "teacher":
         raise DataError("only students are exported (the teacher is the slow model distillation replaces)")
+    check_writable_dir(out, "--out")
     targets = [out / name for name in (ONNX_NAME, PARITY_NAME, CARD_NAME)]
     existing = [p for p in targets if p.exists()] if not overwrite else []
     if existing:
@@ -271,36 +268,44 @@ def export_student(run, method: str = "ts_kd", out="export", overwrite: bool = F
                         "nothing was exported. Retrain it with a lower learning rate.")
     images, source = parity_images(run, inputs)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".{ONNX_NAME}.tmp-{uuid.uuid4().hex[:8]}"
+    stage = out / f".export.tmp-{uuid.uuid4().hex[:8]}"  # the new files, until they are all there and verified
+    staged = [stage / target.name for target in targets]
     try:
+        stage.mkdir()
         record = {"run": str(run.dir), "method": method, "image_size": size,
                   "student": getattr(model, "name", run.profile.student.name),
                   "n_classes": run.info.n_classes, "classes": run.info.classes,
                   "architecture": describe_student(model), "params": int(sum(p.numel() for p in model.parameters())),
-                  **export_onnx(model, size, tmp)}
-        add_metadata(tmp, model_metadata(run, method, size))
-        session = onnx_session(tmp)
+                  **export_onnx(model, size, staged[0])}
+        add_metadata(staged[0], model_metadata(run, method, size))
+        session = onnx_session(staged[0])
         record["parity"] = dict(parity_check(model, session, images, size), source=source)
         if not record["parity"]["passed"]:
-            _write_json(targets[1], record)
+            write_json(out / FAILED_NAME, record, strict=True)
             p = record["parity"]
             raise ParityError(f"{method} ONNX export fails the parity check on {source}: max |diff| "
                               f"{p['max_abs_diff']:.3g} (tolerance {p['tolerance']:.3g}), identical mask pixels "
-                              f"{p['pixel_agreement']:.4%} (need {MIN_PIXEL_AGREEMENT:.1%}); see {targets[1]}")
-        tmp.replace(targets[0])
+                              f"{p['pixel_agreement']:.4%} (need {MIN_PIXEL_AGREEMENT:.1%}); see {out / FAILED_NAME} "
+                              f"(nothing else in {out} was changed)")
+        record.update(file=ONNX_NAME, sha256=sha256sum(staged[0]), bytes=staged[0].stat().st_size)
+        if measure:
+            record["latency"] = measure_latency(model, session, size)
+        write_json(staged[1], record, strict=True)
+        write_model_card(run, method, staged[2], record)
+        for new, target in zip(staged, targets):
+            new.replace(target)
     finally:
-        tmp.unlink(missing_ok=True)
-    record.update(file=ONNX_NAME, sha256=_sha256(targets[0]), bytes=targets[0].stat().st_size)
-    if measure:
-        record["latency"] = measure_latency(model, session, size)
-    _write_json(targets[1], record)
-    write_model_card(run, method, targets[2], record)
+        shutil.rmtree(stage, ignore_errors=True)
+    (out / FAILED_NAME).unlink(missing_ok=True)  # an earlier failure, now superseded
     return record
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tskd_utils.export",
-                                 description="Export a run's student to ONNX with a parity check and a model card.")
+                                 description="Export a run's student to ONNX with a parity check and a model card.",
+                                 epilog=f"All or nothing: the files are moved into --out only when the parity check "
+                                        f"passes; on a failure an earlier export there is left as it was (a failed "
+                                        f"check is recorded in {FAILED_NAME}).")
     ap.add_argument("--run", type=Path, required=True, help="run folder")
     ap.add_argument("--method", default="ts_kd", help="student method id (default ts_kd)")
     ap.add_argument("--out", type=Path, required=True, help="output folder: model.onnx, parity.json, MODEL_CARD.md")
@@ -311,7 +316,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = ap.parse_args(argv)
     try:
         rec = export_student(args.run, args.method, args.out, args.overwrite, args.inputs, not args.no_latency)
-    except (DataError, FileExistsError, ParityError) as e:
+    except (DataError, OSError, ParityError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     p = rec["parity"]

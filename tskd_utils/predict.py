@@ -3,7 +3,7 @@
 ::
 
     python -m tskd_utils.predict --run RUN_DIR --method ts_kd --input PATH_OR_DIR --out DIR
-                                 [--overwrite] [--backend torch|onnx] [--onnx FILE]
+                                 [--overwrite] [--backend torch|onnx] [--onnx FILE] [--max-pixels N]
 
 or, from Python, :func:`predict_files`. Inputs are PNG, JPEG, TIFF (8 or 16 bit, grayscale or
 colour) and DICOM files, or a folder of them (not recursive). Each image gets exactly the
@@ -18,9 +18,16 @@ preprocessing the model was trained with (:func:`to_gray_uint8`, then :func:`mod
 3. the logits are mapped back to the original size (:func:`tskd_utils.data.unletterbox`) before
    the argmax, as evaluation does.
 
-Outputs: ``DIR/masks/<name>.png`` (uint8, value = class index) and ``DIR/overlays/<name>.png``.
-Existing outputs are never replaced without ``overwrite`` (checked before any work). A folder run
-goes on past a bad file and lists the failures at the end; the command then exits with status 1.
+Outputs: ``DIR/masks/<name>.png`` (uint8, value = class index) and ``DIR/overlays/<name>.png``,
+each written atomically (a temporary file renamed into place, so no truncated PNG is ever left).
+Existing outputs are never replaced without ``overwrite``, and ``DIR`` must be a folder this process
+can write in (both checked before any work). A folder run goes on past any file it cannot read,
+predict or write (an image whose overlay cannot be written keeps no new mask either) and lists
+the failures with their errors at the end; the command then exits with status 1.
+
+Memory: about ``4 K + 6`` bytes per input pixel for K classes (the logits at the original size,
+float32, the uint8 mask and overlay; float64/int64 temporaries are made a block of rows at a time).
+Images of more than ``MAX_PIXELS`` pixels (``--max-pixels``) are refused, per file, before decoding.
 ``--method teacher`` runs the run's LoRA teacher live on each image (for comparison; the run's
 feature caches are neither read nor written).
 """
@@ -39,13 +46,15 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from .data import letterbox, letterbox_valid, unletterbox
-from .io import DataError, write_png
+from .io import DataError, atomic_write, check_writable_dir, read_json, write_png
 
 RASTER_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 DICOM_SUFFIXES = (".dcm", ".dicom")
 SUPPORTED = "PNG, JPEG, TIFF or DICOM (.png .jpg .jpeg .tif .tiff .dcm .dicom, or a DICOM file without extension)"
 WINDOW_PERCENTILES = (0.5, 99.5)  # of the pixel values of one image: the window of 16-bit / float input
 HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")  # PIL modes that are not 8-bit
+MAX_PIXELS = 50_000_000  # larger images are refused (about 4 K + 6 bytes per pixel: 0.9 GB here for 3 classes)
+BLOCK_PIXELS = 1 << 20  # float64 / int64 temporaries are made for blocks of rows of about this many pixels
 
 
 # --------------------------------------------------------------------------------- reading
@@ -63,34 +72,52 @@ def is_dicom(path: Path) -> bool:
     return len(head) == 132 and head[128:] == b"DICM"
 
 
+def by_rows(fn: Callable[..., np.ndarray], *arrays: np.ndarray, dtype=np.uint8) -> np.ndarray:
+    """``fn(*arrays)`` as ``dtype``, computed on blocks of their rows (about BLOCK_PIXELS values each): the same
+    result for a ``fn`` that works row by row, without its float64 / int64 temporaries at the full image size."""
+    out, step = None, max(1, BLOCK_PIXELS // max(1, arrays[0][:1].size))
+    for r in range(0, len(arrays[0]), step):
+        block = fn(*(a[r:r + step] for a in arrays))
+        if out is None:
+            out = np.empty((len(arrays[0]),) + block.shape[1:], dtype)
+        out[r:r + step] = block
+    return out
+
+
 def window_percentiles(values: np.ndarray, percentiles: tuple[float, float] = WINDOW_PERCENTILES) -> np.ndarray:
     """Map values linearly so that their low/high percentiles become 0/255 (clipped), as uint8.
 
     The same rule as the dataset converters' :func:`tskd_utils.io.read_image` for 16-bit images: one
     hot pixel cannot black out the image; a nearly constant image falls back to its min..max.
     """
-    v = np.asarray(values, dtype=np.float64)
-    lo, hi = np.percentile(v, percentiles)
+    v = np.asarray(values)
+    lo, hi = np.percentile(v, percentiles)  # float64, on a copy of v's own dtype
     if hi <= lo:
         lo, hi = float(v.min()), float(v.max())
         if hi <= lo:  # a flat image: no contrast to keep
             return np.zeros(v.shape, np.uint8)
-    return np.round(np.clip((v - lo) / (hi - lo), 0, 1) * 255.0).astype(np.uint8)
+    return by_rows(lambda b: np.round(np.clip((b.astype(np.float64) - lo) / (hi - lo), 0, 1) * 255.0), v)
 
 
-def window_center_width(values: np.ndarray, center: float, width: float) -> np.ndarray:
-    """DICOM's linear VOI window (PS3.3 C.11.2.1.2) onto 0..255, as uint8."""
-    v = np.asarray(values, dtype=np.float64)
-    width = max(float(width), 1.0)
-    y = ((v - (float(center) - 0.5)) / (width - 1.0 if width > 1 else 1.0) + 0.5) * 255.0
-    return np.round(np.clip(y, 0, 255)).astype(np.uint8)
+def window_center_width(values: np.ndarray, center: float, width: float, rescale=(1.0, 0.0)) -> np.ndarray:
+    """DICOM's linear VOI window (PS3.3 C.11.2.1.2) onto 0..255, as uint8, of ``values * slope + intercept``
+    (``rescale``: DICOM's RescaleSlope and RescaleIntercept)."""
+    (slope, intercept), width = rescale, max(float(width), 1.0)
+
+    def window(b):
+        y = ((b.astype(np.float64) * slope + intercept - (float(center) - 0.5)) / (width - 1.0 if width > 1 else 1.0)
+             + 0.5) * 255.0
+        return np.round(np.clip(y, 0, 255))
+    return by_rows(window, np.asarray(values))
 
 
 def luma(rgb: np.ndarray, bgr: bool = False) -> np.ndarray:
-    """ITU-R 601 luma of an (H, W, 3+) array as float (PIL's ``convert("L")`` weights)."""
-    c = np.asarray(rgb, dtype=np.float64)[..., :3]
-    r, g, b = (c[..., 2], c[..., 1], c[..., 0]) if bgr else (c[..., 0], c[..., 1], c[..., 2])
-    return 0.299 * r + 0.587 * g + 0.114 * b
+    """ITU-R 601 luma of an (H, W, 3+) array as float32 (PIL's ``convert("L")`` weights; computed in float64)."""
+    def block(c):
+        c = c[..., :3].astype(np.float64)
+        r, g, b = (c[..., 2], c[..., 1], c[..., 0]) if bgr else (c[..., 0], c[..., 1], c[..., 2])
+        return 0.299 * r + 0.587 * g + 0.114 * b
+    return by_rows(block, np.asarray(rgb), dtype=np.float32)
 
 
 def _percentile_note(path: Path, what: str) -> str:
@@ -110,7 +137,15 @@ def _first_value(v) -> float:
         return float(v[0])
 
 
-def _read_dicom(path: Path) -> tuple[np.ndarray, Optional[str]]:
+def check_size(path: Path, width: int, height: int, max_pixels: int) -> None:
+    """A :class:`DataError` naming the file and its size if it has more than ``max_pixels`` pixels."""
+    if width * height > max_pixels:
+        raise DataError(f"{path}: {width}x{height} = {width * height:,} pixels, more than the {max_pixels:,} predict "
+                        f"takes (about 4 K + 6 bytes of memory per pixel for K classes); shrink the image or raise "
+                        f"--max-pixels")
+
+
+def _read_dicom(path: Path, max_pixels: int) -> tuple[np.ndarray, Optional[str]]:
     """One DICOM slice -> uint8 grayscale: rescale slope/intercept, then its window (or percentiles)."""
     import pydicom
 
@@ -123,6 +158,7 @@ def _read_dicom(path: Path) -> tuple[np.ndarray, Optional[str]]:
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frames > 1:
         raise DataError(f"{path}: multi-frame DICOM ({frames} frames) is not supported; give one slice per file")
+    check_size(path, int(ds.get("Columns", 0) or 0), int(ds.get("Rows", 0) or 0), max_pixels)
     try:
         arr = np.asarray(ds.pixel_array)
     except Exception as e:
@@ -136,12 +172,12 @@ def _read_dicom(path: Path) -> tuple[np.ndarray, Optional[str]]:
     if arr.ndim != 2:
         raise DataError(f"{path}: expected one 2-D slice, got DICOM pixel data of shape {arr.shape}")
     slope, intercept = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
-    values = arr.astype(np.float64) * slope + intercept
     center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
     if center is not None and width is not None:
-        gray, note = window_center_width(values, _first_value(center), _first_value(width)), None
-    else:
-        gray, note = window_percentiles(values), _percentile_note(path, "DICOM without a window")
+        gray, note = window_center_width(arr, _first_value(center), _first_value(width), (slope, intercept)), None
+    else:  # the percentiles of arr * slope + intercept are those of arr, rescaled: only the slope's sign matters
+        gray, note = window_percentiles(arr), _percentile_note(path, "DICOM without a window")
+        gray = 255 - gray if slope < 0 else gray
     if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":  # 0 = white
         gray = 255 - gray
     return gray, note
@@ -160,10 +196,11 @@ def _read_deep_colour(path: Path) -> Optional[np.ndarray]:
     return None if arr is None or arr.dtype == np.uint8 or arr.ndim != 3 else arr
 
 
-def _read_raster(path: Path) -> tuple[np.ndarray, Optional[str]]:
+def _read_raster(path: Path, max_pixels: int) -> tuple[np.ndarray, Optional[str]]:
     """PNG / JPEG / TIFF -> uint8 grayscale (8-bit: as the dataset is read; deeper: percentile window)."""
     try:
         with Image.open(path) as im:
+            check_size(path, *im.size, max_pixels)
             if getattr(im, "n_frames", 1) > 1:
                 raise DataError(f"{path}: {im.n_frames} pages/frames; give one 2-D image per file")
             im.load()
@@ -183,18 +220,19 @@ def _read_raster(path: Path) -> tuple[np.ndarray, Optional[str]]:
         raise DataError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
 
 
-def to_gray_uint8(path) -> tuple[np.ndarray, Optional[str]]:
+def to_gray_uint8(path, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, Optional[str]]:
     """Read an input image as (H, W) uint8 grayscale, the form the models were trained on.
 
-    Returns the image and a note (or None) saying how a non-8-bit image was windowed.
+    Returns the image and a note (or None) saying how a non-8-bit image was windowed. An image of more than
+    ``max_pixels`` pixels is a :class:`DataError` (:func:`check_size`), raised before its pixels are decoded.
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"input image not found: {path}")
     if is_dicom(path):
-        gray, note = _read_dicom(path)
+        gray, note = _read_dicom(path, max_pixels)
     elif path.suffix.lower() in RASTER_SUFFIXES:
-        gray, note = _read_raster(path)
+        gray, note = _read_raster(path, max_pixels)
     else:
         raise DataError(f"{path}: unsupported format {path.suffix or '(no extension)'}; expected {SUPPORTED}")
     if gray.ndim != 2 or min(gray.shape) < 1:
@@ -208,15 +246,21 @@ def model_input(gray: np.ndarray, size: int) -> np.ndarray:
 
 
 def label_map(logits, original_hw: tuple[int, int]) -> np.ndarray:
-    """(K, S, S) letterboxed logits -> (H, W) uint8 class indices at the original size."""
-    return unletterbox(torch.as_tensor(logits), original_hw).argmax(0).numpy().astype(np.uint8)
+    """(K, S, S) letterboxed logits -> (H, W) uint8 class indices at the original size (the logits resized
+    to it are float32; the argmax's int64 indices are made a block of rows at a time)."""
+    up = unletterbox(torch.as_tensor(logits), original_hw).numpy()
+    return by_rows(lambda rows: rows.argmax(1), np.moveaxis(up, 0, 1))  # (H, K, W): rows first
 
 
 def overlay_uint8(gray: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """The image with its predicted classes in colour, as an (H, W, 3) uint8 picture."""
-    from .viz import overlay
+    """The image with its predicted classes in colour, as an (H, W, 3) uint8 picture: the colours of
+    :func:`tskd_utils.viz.overlay`, looked up per (class, grey value) instead of computed in float per pixel."""
+    from .viz import CLASS_COLORS, overlay
 
-    return np.round(overlay(gray, labels) * 255.0).astype(np.uint8)
+    n = len(CLASS_COLORS)  # classes beyond it get its last colour, as in viz.overlay
+    grey = np.tile(np.arange(256, dtype=np.uint8), (n, 1))
+    lut = np.round(overlay(grey, np.repeat(np.arange(n)[:, None], 256, 1)) * 255.0).astype(np.uint8).reshape(-1, 3)
+    return by_rows(lambda g, lab: lut[np.minimum(lab, n - 1).astype(np.intp) * 256 + g], gray, np.asarray(labels))
 
 
 # ---------------------------------------------------------------------------------- models
@@ -270,15 +314,31 @@ def onnx_forward(session) -> Callable[..., np.ndarray]:
     return forward
 
 
+CONFIG_KEYS = ("dataset", "data_root", "n_labeled", "seed", "profile")  # what a run's config.json must hold
+
+
 def open_run(run):
-    """A :class:`tskd_utils.run.Run` from a Run or a run folder (DataError naming a non-run folder)."""
+    """A :class:`tskd_utils.run.Run` from a Run or a run folder; a :class:`DataError` names a non-run folder, and
+    the config.json that lacks a key or names an unknown profile or setting."""
     from .run import load_run
 
     if hasattr(run, "profile") and hasattr(run, "dir"):
         return run
     if not Path(run).is_dir():
         raise DataError(f"run folder not found: {run}")
-    return load_run(run)
+    cfg_path = Path(run).resolve() / "config.json"
+    if cfg_path.is_file():  # (a missing one: load_run says so)
+        cfg = read_json(cfg_path)
+        missing = [k for k in CONFIG_KEYS if k not in cfg] if isinstance(cfg, dict) else list(CONFIG_KEYS)
+        if missing:
+            raise DataError(f"{cfg_path}: not a run's config, missing keys {missing} (setup_run, notebook 01, "
+                            f"writes it)")
+    try:
+        return load_run(run)
+    except DataError:
+        raise
+    except (KeyError, TypeError, ValueError) as e:  # an unknown profile or setting, or a value of the wrong type
+        raise DataError(f"{cfg_path}: {e.args[0] if isinstance(e, KeyError) and e.args else e}") from None
 
 
 def load_model(run, method: str, device: str) -> torch.nn.Module:
@@ -413,32 +473,47 @@ class PredictionReport:
         return "\n".join(lines)
 
 
-def predict_image(segmenter: Segmenter, path: Path, mask_path: Path, overlay_path: Path) -> dict:
+def write_outputs(pairs: Sequence[tuple[Path, np.ndarray]]) -> None:
+    """Write each (path, uint8 array) as a PNG atomically; if one cannot be written, those written before it are
+    removed again and a :class:`DataError` names the file and the reason."""
+    done = []
+    for path, arr in pairs:
+        try:
+            atomic_write(path, lambda tmp: write_png(tmp, arr))
+        except OSError as e:
+            for p in done:
+                p.unlink(missing_ok=True)
+            raise DataError(f"cannot write {path}: {e.strerror or e}") from None
+        done.append(path)
+
+
+def predict_image(segmenter: Segmenter, path: Path, mask_path: Path, overlay_path: Path,
+                  max_pixels: int = MAX_PIXELS) -> dict:
     """Read one file, predict, write its mask (original size) and overlay; returns a record."""
-    gray, note = to_gray_uint8(path)
+    gray, note = to_gray_uint8(path, max_pixels)
     labels = segmenter(gray)
-    mask_path.parent.mkdir(parents=True, exist_ok=True)
-    overlay_path.parent.mkdir(parents=True, exist_ok=True)
-    write_png(mask_path, labels)
-    write_png(overlay_path, overlay_uint8(gray, labels))
+    write_outputs([(mask_path, labels), (overlay_path, overlay_uint8(gray, labels))])
     return {"input": path, "mask": mask_path, "overlay": overlay_path, "height": gray.shape[0],
             "width": gray.shape[1], "note": note}
 
 
 def predict_files(run, method: str = "ts_kd", inputs=".", out="predictions", overwrite: bool = False,
                   backend: str = "torch", onnx=None, device: Optional[str] = None,
-                  progress: bool = True) -> PredictionReport:
+                  progress: bool = True, max_pixels: int = MAX_PIXELS) -> PredictionReport:
     """Masks and overlays for an image file or a folder of images (see the module docstring).
 
     Everything that can be checked before predicting is checked first (run folder, inputs, output
-    names, existing outputs), so a refusal leaves nothing behind. A single bad file raises
-    :class:`DataError`; in a folder, bad files are collected in ``report.failures`` and the rest go on.
+    names, existing outputs, that ``out`` can be written), so a refusal leaves nothing behind. A single
+    bad file raises :class:`DataError`; in a folder, files that cannot be read, predicted or written
+    (more than ``max_pixels`` pixels, a full disk, a folder where a PNG goes) are collected in
+    ``report.failures`` and the rest go on.
     """
     from tqdm.auto import tqdm
 
     run = open_run(run) if run is not None else None
     images, skipped = find_inputs(inputs)
     pairs = output_paths(images, out)
+    check_writable_dir(out, "--out")
     if not overwrite:
         refuse_overwrite(pairs)
     segmenter = load_segmenter(run, method, backend, onnx, device)
@@ -448,8 +523,8 @@ def predict_files(run, method: str = "ts_kd", inputs=".", out="predictions", ove
                disable=not progress or single)
     for path, (mask_path, overlay_path) in bar:
         try:
-            record = predict_image(segmenter, path, mask_path, overlay_path)
-        except DataError as e:
+            record = predict_image(segmenter, path, mask_path, overlay_path, max_pixels)
+        except (DataError, OSError) as e:
             if single:
                 raise
             report.failures.append((path, str(e)))
@@ -474,13 +549,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     help="torch: the run's weights (default); onnx: an exported model.onnx, no run folder needed")
     ap.add_argument("--onnx", type=Path, help="the exported model.onnx (with --backend onnx)")
     ap.add_argument("--device", default=None, help="torch device (default: the run's)")
+    ap.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
+                    help=f"refuse images with more pixels than this, per file (default {MAX_PIXELS:,}; memory is "
+                         f"about 4 K + 6 bytes per pixel for K classes)")
     args = ap.parse_args(argv)
     if args.run is None and args.backend == "torch":
         ap.error("--run is required with --backend torch")
     try:
         report = predict_files(args.run, args.method, args.input, args.out, args.overwrite, args.backend,
-                               args.onnx, args.device)
-    except (DataError, FileExistsError, NonFiniteModel) as e:
+                               args.onnx, args.device, max_pixels=args.max_pixels)
+    except (DataError, OSError, NonFiniteModel) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(report.describe(), file=sys.stderr if report.failures else sys.stdout)
