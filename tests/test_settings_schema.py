@@ -79,4 +79,4 @@ def test_out_where_nothing_can_be_written_even_by_root(tmp_path, capsys):
     out = "/proc/tskd-runs"  # os.access says writable to root; writing there fails
     assert reproduce.main(["--profile", "smoke", "--dataset", "phantom", "--data-root", str(tmp_path / "data"),
                            "--out", out]) == 2
-    assert f"--out {out}: cannot write in /proc" in capsys.readouterr().err
+    assert f"--out {out}: cannot create files in /proc" in capsys.readouterr().err

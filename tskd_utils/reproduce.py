@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 from . import REPO_ROOT
-from .io import DataError, read_json, write_json
+from .io import DataError, check_writable_dir, read_json, write_json
 
 NOTEBOOKS = ("01_data_preparation", "02_teacher_lora_finetuning", "03_diffusion_synthesis", "04_distillation",
              "05_evaluation")
@@ -733,19 +733,10 @@ def parse_grid(items: Sequence[str]) -> dict:
 
 
 def _check_out(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise SweepError(f"--out {out} is a file, not a folder: give a folder for the runs (RUNS)")
-    probe = out
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise SweepError(f"--out {out}: {probe} is a file, so the folder cannot be created")
-    try:  # by writing: os.access says yes to root everywhere, also on read-only and virtual file systems (/proc)
-        fd, tmp = tempfile.mkstemp(prefix=".tskd-probe-", dir=probe)
-        os.close(fd)
-        os.unlink(tmp)
-    except OSError as e:
-        raise SweepError(f"--out {out}: cannot write in {probe} ({e.strerror or e})") from None
+    try:
+        check_writable_dir(out, "--out")
+    except DataError as e:
+        raise SweepError(f"{e}: give a folder for the runs (RUNS) that can be written") from None
 
 
 MAX_SEED = 2 ** 32 - 1  # numpy's and torch's seeds
