@@ -380,3 +380,19 @@ def test_weights_get_the_mode_of_every_other_file_and_failed_writes_leave_no_tem
         atomic_write(tmp_path / "a.json", fails)
     assert (tmp_path / "a.json").read_text() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "w.safetensors"]  # no temporary left
+
+
+def test_augmentation_makes_no_network_call():
+    """albumentations asks PyPI for a newer release when imported, unless told not to: the project tells it."""
+    code = ("import socket\n"
+            "calls = []\n"
+            "def connect(self, *a, **k):\n"
+            "    calls.append(a)\n"
+            "    raise OSError('no network in this test')\n"
+            "socket.socket.connect = connect\n"
+            "from tskd_utils.data import build_transform\n"
+            "build_transform(True, 0)\n"
+            "assert not calls, calls\n")
+    env = {k: v for k, v in os.environ.items() if k != "NO_ALBUMENTATIONS_UPDATE"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr

@@ -17,6 +17,7 @@ target pixel centre), which area averaging does not.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -118,6 +119,7 @@ def build_transform(train: bool, seed: Optional[int] = None):
     flip (ultrasound depth and anatomy have a direction), no colour transforms.
     Eval: nothing (letterboxing is done when the case is loaded).
     """
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations asks PyPI for a newer release on import
     import albumentations as A
 
     if not train:
