@@ -22,13 +22,14 @@ from tqdm.auto import tqdm
 from .run import Run, check_methods
 
 # Minutes a stage takes when computed by these functions, per profile, on the machine the profile is for:
-# smoke: 2 busy CPU cores (tests/test_notebooks_alone.py); demo: notebooks 02, 03 and 04 of the README's
-# `make demo` on 2 CPU cores (phantom, n_labeled 20; update these when the demo profile is re-timed); cpu: the HC18
+# smoke: 2 busy CPU cores (tests/test_notebooks_alone.py); demo: notebooks 02, 03 and 04 of a fresh clone's
+# `make demo` on 2 CPU cores without AVX-512 (docs/benchmarks.md, commit 3340799: 8.2, 10.5 and 15.5 min for 7
+# methods; update these when the demo profile is re-timed); cpu: the HC18
 # sweep run of docs/benchmarks.md (n_labeled 20, seed 0);
 # colab and paper: rough guesses, not measured yet (printed as such). "students" is per method.
 ESTIMATES = {
     "smoke": {"where": "on 2 CPU cores", "measured": True, "teacher": 0.2, "synthetic": 0.2, "students": 0.1},
-    "demo": {"where": "on 2 CPU cores", "measured": True, "teacher": 4, "synthetic": 4, "students": 1.4},
+    "demo": {"where": "on 2 CPU cores", "measured": True, "teacher": 8, "synthetic": 10.5, "students": 2.2},
     "cpu": {"where": "on 2 CPU cores", "measured": True, "teacher": 10, "synthetic": 11.5, "students": 9},
     "colab": {"where": "on a T4 GPU", "measured": False, "teacher": 10, "synthetic": 25, "students": 10},
     "paper": {"where": "on a large GPU", "measured": False, "teacher": 60, "synthetic": 180, "students": 60},
