@@ -270,7 +270,7 @@ def test_grid_arguments_are_checked(tmp_path):
 
     with pytest.raises(reproduce.SweepError, match="unknown profile setting 'teacher.rank'"):
         check({"teacher.rank": [4, 8]})
-    with pytest.raises(reproduce.SweepError, match="expected a int"):
+    with pytest.raises(reproduce.SweepError, match="expected an integer"):
         check({"teacher.lora_rank": ["many"]})
     with pytest.raises(reproduce.SweepError, match="both a --set override and a --grid axis"):
         check({"teacher.lora_rank": [4]}, {"teacher.lora_rank": 8})
