@@ -49,8 +49,8 @@ import numpy as np
 import torch
 
 from .io import DataError, check_writable_dir, sha256sum, write_json
-from .predict import find_inputs, label_map, load_model, model_input, onnx_forward, open_run, to_gray_uint8, \
-    torch_forward
+from .predict import find_inputs, label_map, load_model, model_input, onnx_forward, onnx_session, open_run, \
+    to_gray_uint8, torch_forward
 
 ONNX_NAME, PARITY_NAME, CARD_NAME = "model.onnx", "parity.json", "MODEL_CARD.md"
 FAILED_NAME = "parity.failed.json"  # the record of a failed parity check; the export in the folder is left alone
@@ -105,19 +105,6 @@ def add_metadata(path: Path, meta: dict) -> None:
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, str(value)
     onnx.save(proto, str(path))
-
-
-def onnx_session(path, threads: Optional[int] = None):
-    """An onnxruntime CPU session with as many intra-op threads as torch uses (a fair comparison)."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = int(threads or torch.get_num_threads())
-    opts.inter_op_num_threads = 1
-    try:
-        return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
-        raise DataError(f"{path}: not a loadable ONNX model ({type(e).__name__}: {str(e)[:300]})") from None
 
 
 def input_contract(size: int) -> str:

@@ -369,9 +369,20 @@ def _torch_segmenter(run, method: str, device: Optional[str]) -> Segmenter:
                      torch_forward(model, device))
 
 
-def _onnx_segmenter(run, method: str, onnx_file) -> Segmenter:
-    from .export import onnx_session
+def onnx_session(path, threads: Optional[int] = None):
+    """An onnxruntime CPU session with as many intra-op threads as torch uses (a fair comparison)."""
+    import onnxruntime as ort
 
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = int(threads or torch.get_num_threads())
+    opts.inter_op_num_threads = 1
+    try:
+        return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
+        raise DataError(f"{path}: not a loadable ONNX model ({type(e).__name__}: {str(e)[:300]})") from None
+
+
+def _onnx_segmenter(run, method: str, onnx_file) -> Segmenter:
     if method == "teacher":
         raise DataError("--backend onnx runs an exported student; the teacher runs with --backend torch")
     if onnx_file is None:
