@@ -437,10 +437,9 @@ def check_profile(profile: Profile) -> Profile:
     if d.val_fraction + d.test_fraction >= 0.95:
         raise ValueError(f"settings data.val_fraction={d.val_fraction} + data.test_fraction={d.test_fraction} leave "
                          f"no training cases: keep their sum below 0.95")
-    for key in ("image_size",):
-        if getattr(d, key) % 16:
-            raise ValueError(f"setting data.{key}={getattr(d, key)}: must be a multiple of 16 (the U-Nets halve it "
-                             f"four times)")
+    if d.image_size % 16:
+        raise ValueError(f"setting data.image_size={d.image_size}: must be a multiple of 16 (the U-Nets halve it "
+                         f"four times)")
     stages = profile.teacher.lora_stages
     if stages is not None and (not stages or any(isinstance(s, bool) or not isinstance(s, int) or s < 0
                                                  for s in stages)):
