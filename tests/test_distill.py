@@ -80,7 +80,7 @@ def test_the_teacher_never_runs_inside_a_student_epoch(trained_run, monkeypatch)
                        (TeacherSegmenter, ("forward", "from_prefix", "logits"))):
         for name in names:
             monkeypatch.setattr(cls, name, forbidden)
-    monkeypatch.setattr("tskd_utils.teacher.load_teacher", forbidden)
+    monkeypatch.setattr("tskd_utils.distill.load_teacher", forbidden)
     for method in ("ts_kd_nosyn", "ta_kd"):
         assert distill.pretrain(run, method)["final_loss"] > 0
 

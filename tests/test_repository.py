@@ -32,3 +32,52 @@ def test_no_file_refers_outside_the_repository():
 def test_the_check_finds_a_reference():
     assert OUTSIDE.search("see ../shared/docs/method.md") and OUTSIDE.search("(conventions.md)")
     assert not OUTSIDE.search("docs/method.md, 'Profiles'")
+
+
+def _package_imports() -> dict:
+    """{module: {(imported tskd module, at top level?)}} from the source of tskd_utils (not datasets/)."""
+    import ast
+
+    graph = {}
+    for path in sorted((REPO / "tskd_utils").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        top = set(tree.body)
+        edges = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                names = [node.module.split(".")[0]] if node.module else [a.name for a in node.names]
+                edges |= {(n, node in top) for n in names if (REPO / "tskd_utils" / f"{n}.py").is_file()}
+        graph[path.stem] = edges
+    return graph
+
+
+def _cycles(graph: dict) -> list:
+    edges = {m: {t for t, _ in e} for m, e in graph.items()}
+    found = []
+
+    def walk(start, node, path):
+        for nxt in sorted(edges.get(node, ())):
+            if nxt == start:
+                found.append(path + [start])
+            elif nxt not in path and nxt > start:
+                walk(start, nxt, path + [nxt])
+
+    for m in sorted(edges):
+        walk(m, m, [m])
+    return found
+
+
+def test_the_package_imports_only_point_down():
+    graph = _package_imports()
+    assert {"checkpoints", "runner", "teacher", "distill", "evaluate", "reproduce", "executors"} <= set(graph)
+    assert _cycles(graph) == []
+    # the light sweep driver (reproduce, runner, sweep_report: no torch in the process) imports what pulls in torch inside its functions;
+    # every other import of a tskd module is at the top of its file
+    inner = sorted(f"{m} -> {t}" for m, e in graph.items() for t, at_top in e if not at_top
+                   and m not in ("reproduce", "runner", "sweep_report"))
+    assert inner == []
+
+
+def test_the_cycle_check_finds_a_cycle():
+    assert _cycles({"a": {("b", True)}, "b": {("c", False)}, "c": {("a", True)}}) == [["a", "b", "c", "a"]]
+    assert _cycles({"a": {("b", True)}, "b": set()}) == []

@@ -30,7 +30,7 @@ import pandas as pd
 import pytest
 from sweep_fakes import fake_log, make_fake_notebooks, set_knobs, write_fake_run
 
-from tskd_utils import reproduce, stats
+from tskd_utils import reproduce, runner, stats
 
 
 def _main(args) -> tuple[int, str]:
@@ -134,16 +134,16 @@ def test_second_sweep_on_a_locked_run_refuses(tmp_path, fakes):
 
 def test_kernel_sockets_in_a_private_folder(monkeypatch):
     base = Path(tempfile.mkdtemp(prefix="ipc-test-", dir="/tmp"))  # short: socket paths are limited to ~107 bytes
-    monkeypatch.setattr(reproduce.tempfile, "tempdir", str(base))
+    monkeypatch.setattr(runner.tempfile, "tempdir", str(base))
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     stale = base / f"{reproduce.IPC_PREFIX}{int(dead.stdout)}-abc"  # left by a killed sweep
     stale.mkdir()
     (stale / "kernel-1").write_text("")
     try:
-        with reproduce._kernel_ipc_dir() as a, reproduce._kernel_ipc_dir() as b:
+        with runner._kernel_ipc_dir() as a, runner._kernel_ipc_dir() as b:
             assert a != b and a.is_dir() and b.is_dir() and a.parent == base
             assert a.name.startswith(f"{reproduce.IPC_PREFIX}{os.getpid()}-")
-            km = reproduce._kernel_manager_class(a)(kernel_name="python3")
+            km = runner._kernel_manager_class(a)(kernel_name="python3")
             assert km.transport == "ipc" and km.ip == str(a / "kernel")
             assert len(km.ip) < 90  # room for "-<port>" within a Unix socket path
             assert not stale.exists()
@@ -246,7 +246,7 @@ def test_missing_student_after_the_run_fails_loudly(tmp_path, fakes):
 def test_a_full_disk_fails_the_run_naming_the_path_and_the_next_sweep_resumes(tmp_path, fakes, monkeypatch):
     import errno
 
-    out, real = tmp_path / "runs", reproduce.write_json
+    out, real = tmp_path / "runs", runner.write_json
 
     def full_disk(path, obj):  # the status write after notebook 02 finished hits a full disk
         if Path(path).name == "status.json" and obj["notebooks"].get("02_teacher_lora_finetuning", {}).get(
@@ -254,7 +254,7 @@ def test_a_full_disk_fails_the_run_naming_the_path_and_the_next_sweep_resumes(tm
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         return real(path, obj)
 
-    monkeypatch.setattr(reproduce, "write_json", full_disk)
+    monkeypatch.setattr(runner, "write_json", full_disk)
     code, log = _main(_args(fakes, out))
     assert code == 1 and "Traceback" not in log
     status_path = out / "toy_n4_s0" / "status.json"
@@ -262,7 +262,7 @@ def test_a_full_disk_fails_the_run_naming_the_path_and_the_next_sweep_resumes(tm
             f"is full: free space, then re-run the same command to resume)") in log
     assert json.loads(status_path.read_text())["state"] == "failed"
     assert not list(status_path.parent.glob(".status.json.tmp*"))
-    monkeypatch.setattr(reproduce, "write_json", real)
+    monkeypatch.setattr(runner, "write_json", real)
     code, log = _main(_args(fakes, out))
     assert code == 0, log
 

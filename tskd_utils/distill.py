@@ -32,19 +32,23 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+# load_student is here for notebook 04 and older callers (tskd_utils.distill.load_student)
+from .checkpoints import (SUPERVISED, load_student, load_teacher, method_dir, new_student,  # noqa: F401
+                          student_grid, teacher_digest)
 from .data import SegmentationDataset, letterbox, loader
-from .features import FeatureCache, images_to_tensor, run_prefix_dtype, run_suffix, teacher_inputs, teacher_prefix
-from .io import DataError, read_image, read_json, read_mask, safe_join, save_safetensors, write_json
+from .features import (FeatureCache, images_to_tensor, run_prefix_dtype, run_suffix, teacher_inputs, teacher_prefix,
+                       valid_tensor)
+from .generation import synthetic_paths
+from .io import read_image, read_json, read_mask, save_safetensors, write_json
 from .losses import kd_loss, segmentation_loss
 from .metrics import mean_foreground_dice
-from .models import build_student, build_supervised_unet, student_feature_grid
 from .pretrain import MoCoV3, build_mim
-from .run import METHODS, Run, check_methods
+from .run import METHODS, Run, check_methods  # noqa: F401 (distill.METHODS)
 from .training import (Stage, autocast, compute_dtype, file_digest, grad_scaler, load_weights, optimizer_step, save_weights, seeded,
                        source_digest, value_digest, warmup_cosine)
+from .viz import pca_rgb
 
 KD_METHODS = ("ts_kd", "ts_kd_nosyn", "ta_kd")
-SUPERVISED = "unet_supervised"  # the practitioner's U-Net on the labels only: no pretraining, its own architecture
 NO_PRETRAINING = ("scratch", SUPERVISED)
 TARGETS_VERSION = 2  # bump when what a cached target file holds changes
 
@@ -58,8 +62,6 @@ def transfer_set(run: Run, synthetic: bool = True) -> tuple[list[str], list[Path
     real = run.real_transfer_cases()
     names, paths, flags = real, [run.info.case(c).image for c in real], [False] * len(real)
     if synthetic:
-        from .generation import synthetic_paths
-
         syn = synthetic_paths(run)
         names, paths, flags = names + [p.stem for p in syn], paths + syn, flags + [True] * len(syn)
     return names, paths, flags
@@ -80,14 +82,7 @@ def _synthetic_digest(run: Run) -> str:
 # ---------------------------------------------------------------------------- teacher targets
 
 
-def student_grid(run: Run) -> int:
-    """The grid of the student's feature map that KD matches (ViT: its tokens; U-Net: the teacher's stride)."""
-    p = run.profile
-    return student_feature_grid(p.student.name, p.data.image_size, p.teacher.name, p.teacher.input_size)
-
-
 def _compute_targets(run: Run, todo: list, keys, names, boxed, valid, flags, out_dir: Path, grid: int) -> None:
-    from .teacher import load_teacher
 
     size_s = run.profile.data.image_size
     ts_model, ta_model = load_teacher(run, "selected"), load_teacher(run, "pretrained")
@@ -113,7 +108,6 @@ def teacher_targets(run: Run, synthetic: bool = True, kinds: Sequence[str] = ("t
     Returns ``{"names", "synthetic", "images" (uint8 at the student size), "emb_ts", "logits_ts", "emb_ta",
     "digest"}`` with one fp16 tensor stack per kind asked for; ``digest`` fingerprints the targets.
     """
-    from .teacher import teacher_digest
 
     size_t, size_s = run.profile.teacher.input_size, run.profile.data.image_size
     names, paths, flags = transfer_set(run, synthetic)
@@ -203,21 +197,6 @@ def standardized(emb: torch.Tensor) -> torch.Tensor:
     flat = emb.float().transpose(0, 1).reshape(emb.shape[1], -1)
     mean, std = flat.mean(1), flat.std(1).clamp_min(1e-6)
     return ((emb.float() - mean[None, :, None, None]) / std[None, :, None, None]).half()
-
-
-def new_student(run: Run, n_classes: Optional[int] = None, method: Optional[str] = None) -> nn.Module:
-    """A freshly initialised student: the same initial weights for every method of the run. ``unet_supervised``
-    gets the practitioner's U-Net instead (:class:`~tskd_utils.models.SupervisedUNet`, whatever the student)."""
-    s, n_classes = run.profile.student, n_classes or run.info.n_classes
-    if method == SUPERVISED:
-        return build_supervised_unet(n_classes, run.profile.data.image_size,
-                                     seed=run.seed_for("supervised init")).to(run.device)
-    return build_student(s.name, run.profile.data.image_size, n_classes, s.decoder_channels,
-                         seed=run.seed_for("student init"), feature_grid=student_grid(run)).to(run.device)
-
-
-def method_dir(run: Run, method: str) -> Path:
-    return run.students_dir / method
 
 
 def _kd_parts(run: Run, method: str, student: nn.Module, loss_fn: Callable):
@@ -386,7 +365,6 @@ def teacher_val_labels(run: Run) -> torch.Tensor:
     cached beside the teacher targets (``cache/targets/val_labels.safetensors``, keyed by the teacher's weights)."""
     from safetensors.torch import load_file
 
-    from .teacher import load_teacher, teacher_digest  # as in _compute_targets: teacher -> evaluate -> distill
 
     cases, size_s = run.splits["val"], run.profile.data.image_size
     key = value_digest([teacher_digest(run), cases, size_s, run_prefix_dtype(run)])
@@ -490,32 +468,9 @@ def run_methods(run: Run, methods=None, force: bool = False, loss_fn: Optional[C
     return [run_method(run, m, force=force, loss_fn=loss_fn) for m in check_methods(methods)]
 
 
-def load_student(run: Run, method: str, device: Optional[str] = None) -> nn.Module:
-    """The fine-tuned student of ``method`` (best validation checkpoint), in eval mode."""
-    check_methods([method])
-    path = method_dir(run, method) / "student.safetensors"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: run notebook 04 (tskd_utils.distill.run_method) for {method!r}")
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), "pt") as fh:  # the classes travel with the weights: no dataset folder needed
-            classes = json.loads((fh.metadata() or {}).get("classes", "null") or "null")
-    except (SafetensorError, OSError, ValueError) as e:
-        raise DataError(f"{path}: not a readable safetensors file ({e}); re-run notebook 04 for {method!r}") from None
-    student = new_student(run, len(classes) if classes else None, method=method)
-    load_weights(path, {"student": student})
-    student.classes = classes
-    return student.to(device or run.device).eval()
-
-
 def embedding_pictures(run: Run, cases: Sequence[str], method: str = "ts_kd") -> dict:
     """PCA pictures of the teacher embedding and of the student's features before (random init) and
     after pretraining with ``method``, for a few cases (each map's own 3 principal components)."""
-    from .features import valid_tensor
-    from .teacher import load_teacher
-    from .viz import pca_rgb
-
     size_t, size_s = run.profile.teacher.input_size, run.profile.data.image_size
     raw = [read_image(run.info.case(c).image) for c in cases]
     boxed, valid = teacher_inputs(raw, size_t)

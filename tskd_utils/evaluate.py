@@ -22,10 +22,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .data import letterbox, unletterbox
+# the prediction helpers live in checkpoints.py; named here too for notebook 05 and older callers
+from .checkpoints import load_model, selected_variant, student_logits, teacher_logits, to_label_map  # noqa: F401
 from .io import load_case, read_mask, safe_join, write_json, write_png
-from .metrics import case_metrics, nanmean
+from .metrics import case_metrics, mean_foreground_dice, nanmean
 from .run import Run, check_methods
+from .stats import case_scores, format_interval, paired_comparisons
 
 RESULT_COLUMNS = ["dataset", "n_labeled", "seed", "method", "dice", "iou", "hd95", "params_m", "latency_ms",
                   "profile"]
@@ -88,48 +90,6 @@ def efficiency(model: torch.nn.Module, input_size: int, run: Run) -> dict:
     return out
 
 
-# ------------------------------------------------------------------------------ predictions
-
-
-def teacher_logits(run: Run, model, images: list[np.ndarray], names: list[str]) -> list[torch.Tensor]:
-    """Teacher logits of original-size images through the shared prefix cache (the frozen stages are
-    never recomputed)."""
-    from .features import run_suffix, teacher_inputs, teacher_prefix
-
-    boxed, valid = teacher_inputs(images, run.profile.teacher.input_size)
-    prefix = teacher_prefix(run, model.encoder, names, boxed, valid)
-    return [lg for batch in run_suffix(lambda h: model.from_prefix(h)[1], prefix, run.device) for lg in batch]
-
-
-def student_logits(run: Run, model, images: list[np.ndarray], batch_size: int = 8) -> list[torch.Tensor]:
-    """Student logits of original-size images (letterboxed to the student's input size)."""
-    from .features import images_to_tensor
-
-    size = run.profile.data.image_size
-    out = []
-    with torch.inference_mode():
-        for i in range(0, len(images), batch_size):
-            x = images_to_tensor(np.stack([letterbox(im, size) for im in images[i:i + batch_size]]), run.device)
-            out += list(model(x).float().cpu())
-    return out
-
-
-def to_label_map(logits: torch.Tensor, original_hw: tuple[int, int]) -> np.ndarray:
-    """(K, S, S) letterboxed logits -> (H, W) uint8 labels at the original size."""
-    return unletterbox(logits, original_hw).argmax(0).numpy().astype(np.uint8)
-
-
-def load_model(run: Run, method: str):
-    """(model, input size) of a method id; ``teacher`` is the LoRA teacher, ``teacher_frozen`` the baseline."""
-    if method in ("teacher", "teacher_frozen"):
-        from .teacher import load_teacher
-
-        return load_teacher(run, "lora" if method == "teacher" else "frozen"), run.profile.teacher.input_size
-    from .distill import load_student
-
-    return load_student(run, method), run.profile.data.image_size
-
-
 # ------------------------------------------------------------------------------- evaluation
 
 
@@ -186,7 +146,6 @@ def evaluate_run(run: Run, methods: Optional[Sequence[str]] = None, include_teac
                                                            "HD95 undefined (left out of the mean, counted in "
                                                            "hd95_undefined)"}
     if include_teacher:
-        from .teacher import selected_variant
 
         summary["selected_teacher"] = selected_variant(run)
     for name in tqdm(names, desc="evaluating", dynamic_ncols=True):
@@ -220,8 +179,6 @@ def paired_table(run: Run, reference: str = "ts_kd", metric: str = "dice"):
     """``reference`` against every other model of the run on the same test cases: mean paired difference,
     95% bootstrap interval over cases, Wilcoxon p-value, verdict (see :mod:`tskd_utils.stats`)."""
     import pandas as pd
-
-    from .stats import case_scores, paired_comparisons
 
     per_case = pd.read_csv(run.metrics_dir / "per_case.csv")
     return paired_comparisons(case_scores(per_case, metric), reference=reference, metric=metric)
@@ -278,8 +235,6 @@ def efficiency_table(summary: dict):
 def comparison_rows(run: Run, cases: Sequence[str], predictions: dict) -> list[dict]:
     """Rows for :func:`tskd_utils.viz.comparison_grid`: image, ground truth and each model's labels
     with its Dice in the panel title. ``predictions = {label: [label map per case]}``."""
-    from .metrics import mean_foreground_dice
-
     rows = []
     for i, c in enumerate(cases):
         image, mask = load_case(run.info, run.info.case(c))
@@ -294,8 +249,6 @@ def comparison_rows(run: Run, cases: Sequence[str], predictions: dict) -> list[d
 
 def interpretation(summary: dict, paired, reference: str = "ts_kd") -> str:
     """The run's results in plain words, computed from them (notebook 05 prints it; nothing is typed in)."""
-    from .stats import format_interval
-
     m = summary["methods"]
     lines = []
     if "teacher" in m:

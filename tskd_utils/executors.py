@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from .reproduce import NOTEBOOKS, RunSpec, SweepError, _fmt, read_status, record_lost, run_one
+from .runner import NOTEBOOKS, RunSpec, SweepError, _fmt, read_status, record_lost, run_one
 
 # what one run asks a scheduler for, by profile: (CPUs, GPUs)
 RESOURCES = {"smoke": (1, 0), "demo": (2, 0), "cpu": (2, 0), "colab": (4, 1), "paper": (8, 1)}

@@ -49,6 +49,7 @@ import numpy as np
 import torch
 
 from .io import DataError, check_writable_dir, sha256sum, write_json
+from .modelcard import write_model_card
 from .predict import find_inputs, label_map, load_model, model_input, onnx_forward, onnx_session, open_run, \
     to_gray_uint8, torch_forward
 
@@ -238,8 +239,6 @@ def export_student(run, method: str = "ts_kd", out="export", overwrite: bool = F
     ``out/parity.failed.json`` with ``passed: false`` and leaving any earlier export in ``out`` as it
     was, when onnxruntime does not reproduce torch within the stated tolerance.
     """
-    from .modelcard import write_model_card
-
     run, out = open_run(run), Path(out)
     if method == "teacher":
         raise DataError("only students are exported (the teacher is the slow model distillation replaces)")

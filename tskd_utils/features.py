@@ -172,16 +172,3 @@ def run_suffix(fn: Callable, prefix: Sequence[torch.Tensor], device: str, batch_
             res = fn(h)
             out.append(tuple(r.float().cpu() for r in res) if isinstance(res, tuple) else res.float().cpu())
     return out
-
-
-def pooled_embeddings(run, names: Sequence[str], raw_images: Sequence[np.ndarray], synthetic: bool = False,
-                      batch_size: int = 8) -> torch.Tensor:
-    """(N, C) spatially averaged embeddings of the *pretrained* teacher encoder (no adapters)."""
-    from .teacher import build_encoder
-    from .models import freeze
-
-    encoder = freeze(build_encoder(run)).to(run.device)
-    boxed, valid = teacher_inputs(raw_images, run.profile.teacher.input_size)
-    prefix = teacher_prefix(run, encoder, names, boxed, valid, synthetic=synthetic)
-    out = run_suffix(lambda h: encoder.suffix(h).mean(dim=(2, 3)), prefix, run.device, batch_size)
-    return torch.cat(out) if out else torch.zeros(0, encoder.embed_dim)

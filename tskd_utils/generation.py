@@ -44,8 +44,8 @@ from .data import ImageDataset, letterbox
 from .io import read_image, read_json, sha256sum, write_json, write_png
 from .losses import diffusion_loss
 from .run import Run
-from .training import (Stage, StateOf, autocast, count_parameters, grad_scaler, optimizer_step, seeded, source_digest,
-                       value_digest, warmup_cosine)
+from .training import (Stage, StateOf, autocast, count_parameters, grad_scaler, history_of, optimizer_step, seeded,
+                       source_digest, value_digest, warmup_cosine)
 
 STAGE_DIR, PIPELINE_DIR, IMAGES_DIR = "ddpm", "pipeline", "images"
 SAMPLERS = ("ddim", "dpm")
@@ -467,7 +467,6 @@ def synthetic_paths(run: Run) -> list[Path]:
 
 
 def training_history(run: Run) -> list[dict]:
-    from .training import history_of
 
     return history_of(run.synthetic_dir / STAGE_DIR)
 

@@ -16,6 +16,8 @@ from typing import Optional
 
 import numpy as np
 
+from .stats import bootstrap_ci
+
 METHOD_TEXT = {
     "ts_kd": "task-specific KD: pretrained on the transfer set (real + synthetic images) to match the LoRA "
              "teacher's embedding and per-pixel class probabilities, then fine-tuned on the labeled images",
@@ -69,7 +71,6 @@ def _case_means(class_rows: list) -> list:
 
 def card_metrics(run, method: str) -> Optional[dict]:
     """Test-split metrics of ``method`` with 95% bootstrap intervals over cases; None if not evaluated."""
-    from .stats import bootstrap_ci
 
     summary_path, per_case_path = run.metrics_dir / "summary.json", run.metrics_dir / "per_case.csv"
     if not summary_path.is_file() or not per_case_path.is_file():

@@ -45,8 +45,11 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from .checkpoints import load_student, load_teacher
 from .data import letterbox, letterbox_valid, unletterbox
 from .io import DataError, atomic_write, check_writable_dir, read_json, write_png
+from .run import load_run
+from .viz import CLASS_COLORS, overlay
 
 RASTER_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 DICOM_SUFFIXES = (".dcm", ".dicom")
@@ -255,8 +258,6 @@ def label_map(logits, original_hw: tuple[int, int]) -> np.ndarray:
 def overlay_uint8(gray: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """The image with its predicted classes in colour, as an (H, W, 3) uint8 picture: the colours of
     :func:`tskd_utils.viz.overlay`, looked up per (class, grey value) instead of computed in float per pixel."""
-    from .viz import CLASS_COLORS, overlay
-
     n = len(CLASS_COLORS)  # classes beyond it get its last colour, as in viz.overlay
     grey = np.tile(np.arange(256, dtype=np.uint8), (n, 1))
     lut = np.round(overlay(grey, np.repeat(np.arange(n)[:, None], 256, 1)) * 255.0).astype(np.uint8).reshape(-1, 3)
@@ -320,8 +321,6 @@ CONFIG_KEYS = ("dataset", "data_root", "n_labeled", "seed", "profile")  # what a
 def open_run(run):
     """A :class:`tskd_utils.run.Run` from a Run or a run folder; a :class:`DataError` names a non-run folder, and
     the config.json that lacks a key or names an unknown profile or setting."""
-    from .run import load_run
-
     if hasattr(run, "profile") and hasattr(run, "dir"):
         return run
     if not Path(run).is_dir():
@@ -346,9 +345,6 @@ def load_model(run, method: str, device: str) -> torch.nn.Module:
 
     A method the run has not trained, or an unknown id, is a :class:`DataError` naming the run.
     """
-    from .distill import load_student
-    from .teacher import load_teacher
-
     try:
         if method == "teacher":
             return load_teacher(run, "lora", device=device)

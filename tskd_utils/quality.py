@@ -25,8 +25,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from .checkpoints import pooled_embeddings
 from .data import letterbox
-from .features import pooled_embeddings
 from .generation import sampling_settings, synthetic_paths, to_sample_size, to_uint8, training_images
 from .io import read_image, read_json, write_json
 from .run import Run

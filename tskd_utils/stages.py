@@ -19,7 +19,10 @@ from typing import Optional, Sequence
 
 from tqdm.auto import tqdm
 
+from .distill import run_method
+from .generation import generate, synthetic_paths
 from .run import Run, check_methods
+from .teacher import train_teacher
 
 # Minutes a stage takes when computed by these functions, per profile, on the machine the profile is for:
 # smoke: 2 busy CPU cores (tests/test_notebooks_alone.py); demo: notebooks 02, 03 and 04 of a fresh clone's
@@ -81,8 +84,6 @@ def teacher_ready(run: Run) -> bool:
 
 def synthetic_ready(run: Run) -> bool:
     """The run's synthetic images are all there (or the profile asks for none)."""
-    from .generation import synthetic_paths
-
     try:
         synthetic_paths(run)
         return True
@@ -102,8 +103,6 @@ def ensure_teacher(run: Run) -> bool:
     Returns True when it was trained now."""
     if teacher_ready(run):
         return False
-    from .teacher import train_teacher
-
     t0 = _announce(run, "teacher", f"No trained teacher in {run.teacher_dir}: training it now "
                                    "(tskd_utils.teacher.train_teacher, the profile's LoRA config and loss)")
     train_teacher(run)
@@ -116,8 +115,6 @@ def ensure_synthetic(run: Run) -> bool:
     Returns True when they were computed now."""
     if synthetic_ready(run):
         return False
-    from .generation import generate
-
     n = run.profile.diffusion.n_synthetic
     t0 = _announce(run, "synthetic", f"The {n} synthetic images are not all in {run.synthetic_dir}: generating them now "
                                      "(tskd_utils.generation.generate: the diffusion model is trained, then sampled)")
@@ -137,8 +134,6 @@ def ensure_students(run: Run, methods: Optional[Sequence[str]] = None) -> list[s
         ensure_teacher(run)
     if any(m in NEEDS_SYNTHETIC for m in missing):
         ensure_synthetic(run)
-    from .distill import run_method
-
     t0 = _announce(run, "students", f"No trained student for {', '.join(missing)} in {run.students_dir}: training "
                                     f"{'it' if len(missing) == 1 else 'them'} now (tskd_utils.distill.run_method: "
                                     "pretraining, then fine-tuning)", count=len(missing))

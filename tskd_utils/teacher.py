@@ -28,26 +28,21 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import SegmentationDataset, build_transform, loader
+# the loaders live in checkpoints.py (below this module); named here too for notebook 02 and older callers
+from .checkpoints import (VARIANTS, build_encoder, load_teacher, predict_cases, selected_variant,  # noqa: F401
+                          teacher_digest)
 from .features import images_to_tensor, run_prefix_dtype, teacher_prefix, valid_tensor
-from .io import read_json, write_json
+from .io import write_json
 from .losses import segmentation_loss
 from .metrics import mean_foreground_dice
-from .models import TeacherEncoder, TeacherSegmenter, bn_eval, build_head, build_teacher, freeze
+from .models import TeacherEncoder, TeacherSegmenter, bn_eval, build_head, freeze
 from .run import Run
-from .training import (StateOf, Stage, autocast, file_digest, grad_scaler, load_weights, optimizer_step, save_weights,
+from .training import (StateOf, Stage, autocast, file_digest, grad_scaler, optimizer_step, save_weights,
                        seeded, source_digest, value_digest, warmup_cosine)
 
-VARIANTS = ("lora", "frozen", "pretrained", "selected")
 
 
 # -------------------------------------------------------------------------------- the models
-
-
-def build_encoder(run: Run, pretrained: bool = True) -> TeacherEncoder:
-    t = run.profile.teacher
-    enc = build_teacher(t.name, t.input_size, pretrained=pretrained, weights=t.weights)
-    enc.set_split(t.lora_stages if t.cache_prefix else None)
-    return enc
 
 
 def lora_target_modules(run: Run, encoder: TeacherEncoder) -> str:
@@ -376,59 +371,3 @@ def train_teacher(run: Run, force: bool = False, config=None, loss_fn: Optional[
               f"({results['frozen_val_dice']:.3f}) on validation: the frozen one is the teacher that is distilled")
     write_json(out / "metrics.json", results)
     return results
-
-
-# -------------------------------------------------------------------------------- loading
-
-
-def selected_variant(run: Run) -> str:
-    """``lora`` or ``frozen``: the teacher with the better validation Dice (recorded by train_teacher)."""
-    path = run.teacher_dir / "metrics.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"no trained teacher in {run.teacher_dir}: run notebook 02 "
-                                f"(tskd_utils.teacher.train_teacher) first")
-    return read_json(path).get("selected", "lora")
-
-
-def load_teacher(run: Run, variant: str = "lora", device: Optional[str] = None) -> TeacherSegmenter:
-    """The trained teacher (``lora``; ``frozen`` with its head; ``selected``: the better of the two on
-    validation; ``pretrained`` = the encoder without adapters, for task-agnostic KD), frozen, in eval mode."""
-    from peft import PeftModel
-
-    if variant not in VARIANTS:
-        raise KeyError(f"unknown teacher variant {variant!r}; choose one of: {', '.join(VARIANTS)}")
-    variant = selected_variant(run) if variant == "selected" else variant
-    t = run.profile.teacher
-    encoder = freeze(build_encoder(run))
-    head_file = {"lora": run.teacher_dir / "head.safetensors", "frozen": run.teacher_dir / "frozen_head.safetensors",
-                 "pretrained": None}[variant]
-    if variant == "lora":
-        adapter = run.teacher_dir / "adapter"
-        if not (adapter / "adapter_config.json").is_file():
-            raise FileNotFoundError(f"no trained teacher in {run.teacher_dir} ({adapter} is missing): run "
-                                    f"notebook 02 (tskd_utils.teacher.train_teacher) first")
-        encoder = PeftModel.from_pretrained(encoder, str(adapter)).get_base_model()
-    model = TeacherSegmenter(encoder, run.info.n_classes, t.head_channels, t.head)
-    if head_file is not None:
-        load_weights(head_file, {"head": model.head})
-    freeze(model)
-    model.variant = variant
-    return model.to(device or run.device)
-
-
-def predict_cases(run: Run, variant: str, cases) -> list[np.ndarray]:
-    """Label maps (original image size) of a teacher variant on some cases of the dataset."""
-    from .evaluate import teacher_logits, to_label_map
-    from .io import load_case
-
-    model = load_teacher(run, variant)
-    images = [load_case(run.info, run.info.case(c))[0] for c in cases]
-    return [to_label_map(lg, im.shape) for lg, im in zip(teacher_logits(run, model, images, list(cases)), images)]
-
-
-def teacher_digest(run: Run, variant: str = "selected") -> str:
-    """A digest of the weights of a teacher variant: what its targets and predictions depend on."""
-    variant = selected_variant(run) if variant == "selected" else variant
-    files = {"lora": [run.teacher_dir / "head.safetensors", run.teacher_dir / "adapter" / "adapter_model.safetensors"],
-             "frozen": [run.teacher_dir / "frozen_head.safetensors"], "pretrained": []}[variant]
-    return value_digest([variant] + [file_digest(f) for f in files])
