@@ -16,6 +16,11 @@ WITH_CORE = ("02_teacher_lora_finetuning", "03_diffusion_synthesis", "04_distill
 CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 # a result typed into prose (a score such as 0.87 or 0.311): results come from cells, not from the text
 TYPED_RESULT = re.compile(r"(?<![\w.`$])0\.\d{2,}(?![\w`])")
+# a paired difference typed into prose: "-0.2 points", "+2.8 pp", or its interval "[-1.7, +1.0]"
+# (an interval has decimals: "[-1, 1]" is a range of values, not a result)
+_SIGNED, _DEC = r"[+\-\u2212]\d+\.\d+", r"[+\-\u2212]?\d+\.\d+"
+TYPED_DIFFERENCE = re.compile(r"(?<![\w.])[+\-\u2212]\d+(?:\.\d+)?\s*(?:points?|pp)\b"
+                              rf"|\[\s*(?:{_SIGNED}\s*,\s*{_DEC}|{_DEC}\s*,\s*{_SIGNED})\s*\]")
 
 
 def _load(name: str) -> dict:
@@ -60,7 +65,7 @@ def test_markdown_has_no_control_characters_and_no_typed_results(name):
         text = "".join(c["source"])
         assert not CONTROL.search(text), f"cell {i}: a control character (an unescaped backslash in a formula?)"
         prose = re.sub(r"`[^`]*`", "", text)  # code spans may name settings such as `0.999`
-        typed = TYPED_RESULT.findall(prose)
+        typed = TYPED_RESULT.findall(prose) + TYPED_DIFFERENCE.findall(prose)
         assert not typed, f"cell {i}: results typed into prose {typed}: print them from a cell instead"
 
 
@@ -68,6 +73,9 @@ def test_the_checks_catch_what_they_should():
     assert CONTROL.search("$\bar\\alpha$")  # "\b" became a backspace
     assert TYPED_RESULT.findall("the FD is 0.311 against a floor of 0.011") == ["0.311", "0.011"]
     assert not TYPED_RESULT.findall("`ema_decay=0.995`, 5.7 M parameters, 0.5 s")
+    assert TYPED_DIFFERENCE.findall("ts_kd - nosyn: -0.2 points [-1.7, +1.0]") == ["-0.2 points", "[-1.7, +1.0]"]
+    assert TYPED_DIFFERENCE.findall("+2.8 pp, [+1.1, +5.7]") == ["+2.8 pp", "[+1.1, +5.7]"]
+    assert not TYPED_DIFFERENCE.findall("intensities in [0, 1] or [-1, 1], 20 labeled images, lr 1e-3, step 5-10")
 
 
 @pytest.mark.parametrize("name", WITH_CORE)
