@@ -43,11 +43,14 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from . import REPO_ROOT, executors
-from .io import DataError, check_writable_dir
+from .config import PROFILES, get_profile
+from .datasets import ensure_dataset
+from .io import DataError, check_writable_dir, load_dataset
 # the run's machinery; named here too, as before runner.py existed (reproduce.run_one, reproduce.NOTEBOOKS, ...)
 from .runner import (EXECUTORS, IPC_PREFIX, NOTEBOOKS, RunLocked, RunSpec, SweepError, _fmt, _json_norm,  # noqa: F401
                      _same_number, check_run, config_mismatch, execute_run, failure_of, locked_by, profile_drift,
                      progress_line, read_status, record_lost, report_table, run_lock, run_name, run_one)
+from .sweep_report import aggregate as _aggregate, aggregate_locked
 
 # ------------------------------------------------------------------------------- arguments
 
@@ -129,8 +132,6 @@ MAX_SEED = 2 ** 32 - 1  # numpy's and torch's seeds
 def _check_sizes(prof, dataset: str, data_root: Path, n_labeled: Sequence[int]) -> None:
     """--n-labeled against the train pool: the split itself for a prepared dataset, the phantom's size otherwise."""
     from .data import make_splits
-    from .io import load_dataset
-
     d = prof.data
     ds = Path(data_root) / dataset
     if (ds / "dataset.json").is_file():
@@ -156,8 +157,6 @@ def _check_sizes(prof, dataset: str, data_root: Path, n_labeled: Sequence[int]) 
 def validate(profile: str, dataset: str, data_root: Path, n_labeled: Sequence[int], seeds: Sequence[int], out: Path,
              overrides: dict, grid: dict, notebooks_dir: Path) -> list[dict]:
     """Check every argument before any work; returns the grid's settings (one dict per combination)."""
-    from .config import get_profile
-
     from .models import check_student_name, check_teacher_name
 
     prof = get_profile(profile, overrides)  # an unknown profile, --set key or bad value fails here (Key/ValueError)
@@ -286,15 +285,10 @@ def sweep(profile: str, dataset: str, data_root: Path, n_labeled: Sequence[int],
                 print(f"{spec.label}: {p.describe(run_dir)}: re-executing from {problems[0].notebook}", flush=True)
         todo.append(spec)
     if todo and dataset == "phantom" and executor != "local":
-        from .config import get_profile
-        from .datasets import ensure_dataset
-
         # made once here, not by several runs at the same time
         ensure_dataset(dataset, data_root, phantom_cases=get_profile(profile, overrides).data.phantom_cases)
     if todo:
         runner.run(todo, lambda spec, status: _announce_done(spec, status, failures))
-    from .sweep_report import aggregate_locked
-
     results = aggregate_locked(out, profile=profile, command=command, failures=failures,
                                wall_seconds=time.perf_counter() - t_all, axes=list(grid))
     print(f"\n{len(specs) - len(failures)}/{len(specs)} runs finished in {_fmt(time.perf_counter() - t_all)}")
@@ -313,8 +307,6 @@ def sweep(profile: str, dataset: str, data_root: Path, n_labeled: Sequence[int],
 def aggregate(out: Path, profile: str = "", command: str = "", failures: Sequence = (),
               wall_seconds: Optional[float] = None, axes: Sequence[str] = ()) -> int:
     """Collect every run's results into RUNS/results.csv, RUNS/paired.csv and RUNS/report.md (see sweep_report)."""
-    from .sweep_report import aggregate as _aggregate
-
     return _aggregate(Path(out), profile=profile, command=command, failures=failures, wall_seconds=wall_seconds,
                       axes=axes)
 
@@ -355,7 +347,6 @@ def _minutes(text: str) -> int:
 def main(argv: Optional[list] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tskd_utils.reproduce", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    from .config import PROFILES
     from .run import METHODS
 
     ap.add_argument("--profile", default="demo", help="how big a run is: " + ", ".join(PROFILES)

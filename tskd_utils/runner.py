@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
+from .config import flat_settings, get_profile, profile_to_dict
 from .io import DataError, read_json, write_json
 
 NOTEBOOKS = ("01_data_preparation", "02_teacher_lora_finetuning", "03_diffusion_synthesis", "04_distillation",
@@ -240,8 +241,6 @@ def profile_drift(run_dir: Path, profile: str, overrides: dict) -> Optional[Prob
     notebook; inside, every stage whose inputs did not change is reused, so only what the change touches is
     trained again. None when the settings are the same, or when the folder records none (older versions).
     """
-    from .config import flat_settings, get_profile, profile_to_dict
-
     path = Path(run_dir) / "config.json"
     try:
         have = read_json(path).get("resolved_profile")

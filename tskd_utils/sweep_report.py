@@ -21,7 +21,10 @@ import math
 from pathlib import Path
 from typing import Optional, Sequence
 
+from . import stats
+from .config import flat_settings
 from .io import DataError, read_json
+from .stats import format_interval
 
 METHOD_ORDER = ["teacher", "teacher_frozen", "unet_supervised", "ts_kd", "ts_kd_nosyn", "ta_kd", "mae", "mocov3",
                 "scratch"]
@@ -134,8 +137,6 @@ def find_axes(runs: list, axes: Sequence[str] = ()) -> list[str]:
     given with ``--set``, or one that the profile itself defined otherwise when an older run was made."""
     found = list(dict.fromkeys(axes))
     given = {k for r in runs for k in (r["config"].get("overrides") or {})}
-    from .config import flat_settings
-
     keys = sorted(given | set().union(*[flat_settings(r["config"].get("resolved_profile") or {})
                                          for r in runs]))
     keys = [k for k in keys if k not in found]
@@ -174,8 +175,6 @@ def _method_order(methods) -> list:
 def paired_table(runs: list, axes: Sequence[str], reference: str = REFERENCE):
     """One row per (dataset, profile, n_labeled, grid setting, other method): ts_kd minus that method."""
     import pandas as pd
-
-    from . import stats
 
     groups: dict = {}
     for r in runs:
@@ -234,8 +233,6 @@ def aggregate(out: Path, profile: str = "", command: str = "", failures: Sequenc
     import pandas as pd
 
     from .evaluate import RESULT_COLUMNS
-    from .stats import format_interval
-
     out = Path(out)
     runs, notes = collect(out)
     folders = _run_folders(out)
