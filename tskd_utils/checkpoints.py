@@ -43,6 +43,7 @@ def build_encoder(run: Run, pretrained: bool = True) -> TeacherEncoder:
     enc.set_split(t.lora_stages if t.cache_prefix else None)
     return enc
 
+
 def selected_variant(run: Run) -> str:
     """``lora`` or ``frozen``: the teacher with the better validation Dice (recorded by train_teacher)."""
     path = run.teacher_dir / "metrics.json"
@@ -94,6 +95,7 @@ def student_grid(run: Run) -> int:
     p = run.profile
     return student_feature_grid(p.student.name, p.data.image_size, p.teacher.name, p.teacher.input_size)
 
+
 def new_student(run: Run, n_classes: Optional[int] = None, method: Optional[str] = None) -> nn.Module:
     """A freshly initialised student: the same initial weights for every method of the run. ``unet_supervised``
     gets the practitioner's U-Net instead (:class:`~tskd_utils.models.SupervisedUNet`, whatever the student)."""
@@ -141,8 +143,6 @@ def load_model(run: Run, method: str):
 def teacher_logits(run: Run, model, images: list[np.ndarray], names: list[str]) -> list[torch.Tensor]:
     """Teacher logits of original-size images through the shared prefix cache (the frozen stages are
     never recomputed)."""
-
-
     boxed, valid = teacher_inputs(images, run.profile.teacher.input_size)
     prefix = teacher_prefix(run, model.encoder, names, boxed, valid)
     return [lg for batch in run_suffix(lambda h: model.from_prefix(h)[1], prefix, run.device) for lg in batch]
@@ -150,8 +150,6 @@ def teacher_logits(run: Run, model, images: list[np.ndarray], names: list[str]) 
 
 def student_logits(run: Run, model, images: list[np.ndarray], batch_size: int = 8) -> list[torch.Tensor]:
     """Student logits of original-size images (letterboxed to the student's input size)."""
-
-
     size = run.profile.data.image_size
     out = []
     with torch.inference_mode():

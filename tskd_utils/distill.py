@@ -83,7 +83,6 @@ def _synthetic_digest(run: Run) -> str:
 
 
 def _compute_targets(run: Run, todo: list, keys, names, boxed, valid, flags, out_dir: Path, grid: int) -> None:
-
     size_s = run.profile.data.image_size
     ts_model, ta_model = load_teacher(run, "selected"), load_teacher(run, "pretrained")
     t0 = time.perf_counter()

@@ -467,7 +467,6 @@ def synthetic_paths(run: Run) -> list[Path]:
 
 
 def training_history(run: Run) -> list[dict]:
-
     return history_of(run.synthetic_dir / STAGE_DIR)
 
 

@@ -71,7 +71,6 @@ def _case_means(class_rows: list) -> list:
 
 def card_metrics(run, method: str) -> Optional[dict]:
     """Test-split metrics of ``method`` with 95% bootstrap intervals over cases; None if not evaluated."""
-
     summary_path, per_case_path = run.metrics_dir / "summary.json", run.metrics_dir / "per_case.csv"
     if not summary_path.is_file() or not per_case_path.is_file():
         return None

@@ -41,7 +41,6 @@ from .training import (StateOf, Stage, autocast, file_digest, grad_scaler, optim
                        seeded, source_digest, value_digest, warmup_cosine)
 
 
-
 # -------------------------------------------------------------------------------- the models
 
 
