@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -144,12 +145,14 @@ def teacher_targets(run: Run, synthetic: bool = True, kinds: Sequence[str] = ("t
 
 def flip_photometric(x: torch.Tensor, *targets: torch.Tensor, flip: bool = True) -> tuple:
     """Random horizontal flip of images (B,1,H,W) and targets (B,C,h,w) together, then photometric
-    jitter of the images only (brightness +-0.1, contrast x0.8-1.2, Gaussian noise sd <= 0.03)."""
+    jitter of the images only (brightness +-0.1, contrast x0.8-1.2, Gaussian noise sd <= 0.03). A None target
+    (task-agnostic KD has no logits) stays None."""
     b = x.shape[0]
     if flip:
         f = torch.rand(b) < 0.5
         x = torch.where(f.view(b, 1, 1, 1).to(x.device), x.flip(-1), x)
-        targets = tuple(torch.where(f.view(b, 1, 1, 1).to(t.device), t.flip(-1), t) for t in targets)
+        targets = tuple(None if t is None else torch.where(f.view(b, 1, 1, 1).to(t.device), t.flip(-1), t)
+                        for t in targets)
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
     contrast = torch.empty(b, 1, 1, 1, device=x.device).uniform_(0.8, 1.2)
     bright = torch.empty(b, 1, 1, 1, device=x.device).uniform_(-0.1, 0.1)
@@ -198,113 +201,154 @@ def standardized(emb: torch.Tensor) -> torch.Tensor:
     return ((emb.float() - mean[None, :, None, None]) / std[None, :, None, None]).half()
 
 
-def _kd_parts(run: Run, method: str, student: nn.Module, loss_fn: Callable):
-    """(images, inputs digest part, extra modules, batch loss) of a KD method."""
-    d = run.profile.distill
-    tg = teacher_targets(run, synthetic=method != "ts_kd_nosyn", kinds=("ta",) if method == "ta_kd" else ("ts",))
-    emb = standardized(tg["emb_ta"] if method == "ta_kd" else tg["emb_ts"])
-    logits_t = None if method == "ta_kd" else tg["logits_ts"]
-    with seeded(run.seed_for("pretrain", method, "align")):
-        align = FeatureAlign(student.embed_dim, emb.shape[1]).to(run.device)
+@dataclass
+class Pretraining:
+    """A pretraining stage ready for its loop: notebook 04 writes the loop out for the KD methods, :func:`pretrain`
+    runs the same one for every method. ``modules`` (the student and the method's extra: ``align``, the 1x1
+    projection to the teacher's embedding, or the MAE / MoCo ``wrapper``) are what the stage checkpoints;
+    ``loop`` holds the keyword arguments of ``stage.epochs``; :meth:`batches` is one shuffled pass over the
+    transfer set; :meth:`finish` checks the classes (TS-KD) and returns the stage's summary."""
 
-    def batch_loss(x, idx, epoch, step):
-        targets = (emb[idx].to(run.device),) + ((logits_t[idx].to(run.device),) if logits_t is not None else ())
-        x, *targets = flip_photometric(x, *targets, flip=d.flip)
-        return loss_fn(student, align, x, targets[0], targets[1] if logits_t is not None else None,
-                       d.feature_weight, d.output_weight, d.temperature)
+    run: Run
+    method: str
+    stage: Stage
+    modules: dict
+    images: torch.Tensor  # (N, 1, S, S) in [0, 1]: the transfer set
+    targets: tuple  # KD: (teacher embedding, teacher logits or None) per image, cached; SSL: ()
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: object
+    info: dict
+    started: float
+    val_set: Optional[SegmentationDataset] = None
 
-    info = {"synthetic": int(sum(tg["synthetic"]))}
-    # the standardization is part of the targets the student sees: changing it retrains the stage
-    digest = {"targets": tg["digest"], "target transform": source_digest(standardized)}
-    return tg["images"], digest, {"align": align}, batch_loss, info
+    student = property(lambda self: self.modules["student"])
+    align = property(lambda self: self.modules.get("align"))
+    wrapper = property(lambda self: self.modules.get("wrapper"))
+
+    @property
+    def n_batches(self) -> int:
+        return max(1, len(self.images) // self.run.profile.distill.batch_size)
+
+    @property
+    def loop(self) -> dict:
+        return {"modules": self.modules, "optimizer": self.optimizer, "epochs": self.run.profile.distill.epochs,
+                "seed": self.run.seed_for("pretrain", self.method), "scheduler": self.scheduler, "scaler": self.scaler}
+
+    def train(self) -> None:
+        for m in self.modules.values():
+            m.train()
+
+    def autocast(self):
+        """bfloat16 autocast where the CPU has bf16 instructions and the profile asks for it, else a no-op."""
+        return autocast(self.run.device, cpu_dtype=compute_dtype(self.run.device, self.run.profile.student.cpu_dtype))
+
+    def batches(self):
+        """One shuffled pass (full batches): the images on the device, then the KD targets of the same images."""
+        n, bs, device = len(self.images), self.run.profile.distill.batch_size, self.run.device
+        order = torch.randperm(n)
+        for idx in [order[i:i + bs] for i in range(0, n - bs + 1, bs)] or [order]:
+            yield (self.images[idx].to(device),) + tuple(None if t is None else t[idx].to(device) for t in self.targets)
+
+    def validate(self) -> dict:
+        """TS-KD: the student's validation Dice straight after distillation (what the teacher alone taught it)."""
+        if self.method not in ("ts_kd", "ts_kd_nosyn"):
+            return {}
+        if self.val_set is None:
+            self.val_set = SegmentationDataset(self.run.info, self.run.splits["val"], self.run.profile.data.image_size)
+        return {"val_dice": val_dice(self.student, self.val_set, self.run.device,
+                                     self.run.profile.finetune.batch_size)}
+
+    def finish(self) -> dict:
+        hist = self.stage.history
+        info = dict(self.info)
+        info.update(method=self.method, transfer_set=len(self.images), final_loss=hist[-1]["loss"] if hist else None,
+                    pretrain_seconds=round(sum(r["seconds"] for r in hist) + time.perf_counter() - self.started, 2))
+        if hist and "val_dice" in hist[-1]:
+            info["val_dice_after_pretrain"] = hist[-1]["val_dice"]
+        if self.method in ("ts_kd", "ts_kd_nosyn"):
+            info["lost_classes"] = check_classes(self.run, self.method, self.student)["lost"]
+        return info
 
 
-def _ssl_parts(run: Run, method: str, student: nn.Module):
-    """(images, inputs digest part, extra modules, batch loss) of MAE or MoCo v3."""
-    d, size = run.profile.distill, run.profile.data.image_size
-    names, paths, flags = transfer_set(run, synthetic=True)
-    images = np.stack([letterbox(read_image(p), size) for p in paths])
-    with seeded(run.seed_for("pretrain", method, "wrapper")):
-        wrapper = (build_mim(student, d.mae_mask_ratio, d.mae_decoder_dim, d.mae_decoder_depth) if method == "mae"
-                   else MoCoV3(student, d.moco_dim, d.moco_hidden, d.moco_temperature)).to(run.device)
+def pretraining(run: Run, method: str, force: bool = False, loss_fn: Optional[Callable] = None) -> Pretraining:
+    """Set up ``method``'s pretraining of a fresh student (data, targets, optimizer, schedule, resumable stage).
 
-    def batch_loss(x, idx, epoch, step):
-        if method == "mae":
-            return wrapper(flip_photometric(x, flip=d.flip)[0])[0], {}
-        return wrapper(two_views(x, x.shape[-1]), two_views(x, x.shape[-1])), {}
-
-    digest = {"transfer set": value_digest([names, _synthetic_digest(run)])}
-    return images, digest, {"wrapper": wrapper}, batch_loss, {"synthetic": int(sum(flags))}
-
-
-def pretrain(run: Run, method: str, force: bool = False, loss_fn: Optional[Callable] = None) -> dict:
-    """Pretrain a fresh student on the transfer set with ``method``; returns timing/loss info.
-
-    ``loss_fn``: the KD objective (``kd_loss``'s signature; notebook 04 writes it out). The result is
-    ``students/<method>/pretrain/final.safetensors`` (student + the method's extras).
+    KD methods: the transfer images with the selected teacher's cached embedding, **standardized per channel**
+    over the transfer set (:func:`standardized`), and its class logits (``ta_kd``: the pretrained encoder's
+    embedding and no logits). ``loss_fn`` is the KD objective the loop will use (``losses.kd_loss``'s signature);
+    its source is part of the stage's inputs, so editing it retrains. None: any finished pretraining will do.
     """
     check_methods([method])
     if method in NO_PRETRAINING:
-        return {"method": method, "pretrain_seconds": 0.0}
-    d, student, t_start = run.profile.distill, new_student(run), time.perf_counter()
-    ignore = ("loss",) if loss_fn is None else ()  # no loss named: any finished pretraining will do
-    loss_fn = loss_fn or kd_loss
-    parts = _kd_parts(run, method, student, loss_fn) if method in KD_METHODS else _ssl_parts(run, method, student)
-    images_u8, digest, extras, batch_loss, info = parts
-    inputs = {**digest, **run.settings("distill", "student"), "image_size": run.profile.data.image_size,
-              "seed": run.seed, **({"loss": source_digest(loss_fn)} if method in KD_METHODS else {})}
-    stage = Stage(method_dir(run, method) / "pretrain", inputs, desc=f"{method}: pretraining on {len(images_u8)} "
-                  f"images", force=force, ignore=ignore)
+        raise ValueError(f"{method} has no pretraining stage")
+    d, size, started = run.profile.distill, run.profile.data.image_size, time.perf_counter()
+    student = new_student(run)
+    if method in KD_METHODS:
+        tg = teacher_targets(run, synthetic=method != "ts_kd_nosyn", kinds=("ta",) if method == "ta_kd" else ("ts",))
+        targets = (standardized(tg["emb_ta"] if method == "ta_kd" else tg["emb_ts"]),
+                   None if method == "ta_kd" else tg["logits_ts"])
+        with seeded(run.seed_for("pretrain", method, "align")):
+            extras = {"align": FeatureAlign(student.embed_dim, targets[0].shape[1]).to(run.device)}
+        images, flags = tg["images"], tg["synthetic"]
+        # the standardization is part of the targets the student sees: changing it retrains the stage
+        digest = {"targets": tg["digest"], "target transform": source_digest(standardized),
+                  "loss": source_digest(loss_fn or kd_loss)}
+    else:
+        names, paths, flags = transfer_set(run, synthetic=True)
+        images, targets = np.stack([letterbox(read_image(p), size) for p in paths]), ()
+        with seeded(run.seed_for("pretrain", method, "wrapper")):
+            extras = {"wrapper": (build_mim(student, d.mae_mask_ratio, d.mae_decoder_dim, d.mae_decoder_depth)
+                                  if method == "mae" else
+                                  MoCoV3(student, d.moco_dim, d.moco_hidden, d.moco_temperature)).to(run.device)}
+        digest = {"transfer set": value_digest([names, _synthetic_digest(run)])}
+    inputs = {**digest, **run.settings("distill", "student"), "image_size": size, "seed": run.seed}
+    stage = Stage(method_dir(run, method) / "pretrain", inputs, desc=f"{method}: pretraining on {len(images)} images",
+                  force=force, ignore=("loss",) if loss_fn is None else ())
     modules = {"student": student, **extras}
-    images = torch.from_numpy(images_u8).float().div_(255.0)[:, None]
-    validate = _kd_validation(run, student) if method in ("ts_kd", "ts_kd_nosyn") else None
-    hist = stage.train(modules, **_pretrain_loop(run, method, modules, images, batch_loss), validate=validate,
-                       seed=run.seed_for("pretrain", method))
-    info.update(method=method, transfer_set=len(images), final_loss=hist[-1]["loss"] if hist else None,
-                pretrain_seconds=round(sum(r["seconds"] for r in hist) + time.perf_counter() - t_start, 2))
-    if hist and "val_dice" in hist[-1]:
-        info["val_dice_after_pretrain"] = hist[-1]["val_dice"]
-    if method in ("ts_kd", "ts_kd_nosyn"):
-        info["lost_classes"] = check_classes(run, method, student)["lost"]
-    return info
-
-
-def _pretrain_loop(run: Run, method: str, modules: dict, images: torch.Tensor, batch_loss: Callable) -> dict:
-    """The optimizer, schedule and epoch function of a pretraining stage (arguments of Stage.train)."""
-    d, device, n = run.profile.distill, run.device, len(images)
     params = list({id(p): p for m in modules.values() for p in m.parameters() if p.requires_grad}.values())
-    n_batches = max(1, n // d.batch_size)
     opt = torch.optim.AdamW(params, lr=d.lr, weight_decay=d.weight_decay)
+    n_batches = max(1, len(images) // d.batch_size)
     sched = warmup_cosine(opt, d.warmup_epochs * n_batches, d.epochs * n_batches)
-    scaler = grad_scaler(device)
-    wrapper = modules.get("wrapper")
-    dtype = compute_dtype(device, run.profile.student.cpu_dtype)
+    return Pretraining(run, method, stage, modules, torch.from_numpy(images).float().div_(255.0)[:, None], targets,
+                       opt, sched, grad_scaler(run.device), {"synthetic": int(sum(flags))}, started)
 
-    def epoch_fn(epoch: int) -> dict:
-        for m in modules.values():
-            m.train()
-        order = torch.randperm(n)
-        batches = [order[i:i + d.batch_size] for i in range(0, n - d.batch_size + 1, d.batch_size)] or [order]
+
+def ssl_loss(p: Pretraining, x: torch.Tensor) -> torch.Tensor:
+    """MAE: reconstruct masked patches of a flipped, jittered image; MoCo v3: contrast two augmented views."""
+    if p.method == "mae":
+        return p.wrapper(flip_photometric(x, flip=p.run.profile.distill.flip)[0])[0]
+    return p.wrapper(two_views(x, x.shape[-1]), two_views(x, x.shape[-1]))
+
+
+def pretrain(run: Run, method: str, force: bool = False, loss_fn: Optional[Callable] = None) -> dict:
+    """Pretrain a fresh student on the transfer set with ``method`` (the loop notebook 04 writes out; MAE and MoCo v3
+    with :func:`ssl_loss`); returns timing/loss info. ``loss_fn``: the KD objective (default ``losses.kd_loss``).
+    The result is ``students/<method>/pretrain/final.safetensors`` (student + the method's extras)."""
+    check_methods([method])
+    if method in NO_PRETRAINING:
+        return {"method": method, "pretrain_seconds": 0.0}
+    p, d = pretraining(run, method, force, loss_fn), run.profile.distill
+    kd = loss_fn or kd_loss
+    for epoch in p.stage.epochs(**p.loop):
+        p.train()
         sums: dict = {}
-        for k, idx in enumerate(batches):
-            with autocast(device, cpu_dtype=dtype):
-                loss, parts = batch_loss(images[idx].to(device), idx, epoch, k)
-            optimizer_step(loss, opt, scaler, sched)
+        for k, (x, *targets) in enumerate(p.batches()):
+            with p.autocast():
+                if method in KD_METHODS:
+                    x, emb, logits = flip_photometric(x, *targets, flip=d.flip)  # the same flip on the targets
+                    loss, parts = kd(p.student, p.align, x, emb, logits, d.feature_weight, d.output_weight,
+                                     d.temperature)
+                else:
+                    loss, parts = ssl_loss(p, x), {}
+            optimizer_step(loss, p.optimizer, p.scaler, p.scheduler)
             if method == "mocov3":  # momentum rises from moco_momentum to 1 (cosine), as in MoCo v3
-                progress = (epoch * len(batches) + k) / max(1, d.epochs * len(batches))
-                wrapper.update_momentum(1 - (1 - d.moco_momentum) * (np.cos(np.pi * progress) + 1) / 2)
+                progress = (epoch.index * p.n_batches + k) / max(1, d.epochs * p.n_batches)
+                p.wrapper.update_momentum(1 - (1 - d.moco_momentum) * (np.cos(np.pi * progress) + 1) / 2)
             for key, v in {"loss": loss.item(), **parts}.items():
                 sums[key] = sums.get(key, 0.0) + v
-        return {k: v / len(batches) for k, v in sums.items()}
-
-    return {"optimizer": opt, "epochs": d.epochs, "train_epoch": epoch_fn, "scheduler": sched, "scaler": scaler}
-
-
-def _kd_validation(run: Run, student: nn.Module) -> Callable:
-    """Validation Dice of a TS-KD student straight after distillation (its decoder learned the teacher's
-    outputs): what the teacher alone taught it, before any label."""
-    val_ds = SegmentationDataset(run.info, run.splits["val"], run.profile.data.image_size)
-    return lambda: {"val_dice": val_dice(student, val_ds, run.device, run.profile.finetune.batch_size)}
+        epoch.log(**{key: v / p.n_batches for key, v in sums.items()}, **p.validate())
+    return p.finish()
 
 
 # ------------------------------------------------------------------------ no class may be lost

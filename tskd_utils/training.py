@@ -27,8 +27,9 @@ import random
 import shutil
 import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -51,10 +52,16 @@ class DivergedError(RuntimeError):
 
 def non_finite(row: dict, modules: dict) -> Optional[str]:
     """What is not finite after an epoch: a metric of ``row`` or a weight of ``modules`` (modules, or objects with
-    a ``state_dict`` such as LoRA adapters' :class:`StateOf`); None if all are."""
-    for key, value in row.items():
-        if isinstance(value, float) and not math.isfinite(value):
-            return f"{key} = {value}"
+    a ``state_dict`` such as LoRA adapters' :class:`StateOf`); None if all are. The training metrics are named
+    first, then the weights, then the validation metrics (``val*``: non-finite weights make those non-finite)."""
+    def metric(validation: bool) -> Optional[str]:
+        for key, value in row.items():
+            if key.startswith("val") == validation and isinstance(value, float) and not math.isfinite(value):
+                return f"{key} = {value}"
+        return None
+
+    if metric(False):
+        return metric(False)
     for name, module in modules.items():
         if isinstance(module, torch.nn.Module):
             tensors = ((k, p.detach()) for k, p in module.named_parameters())
@@ -65,7 +72,7 @@ def non_finite(row: dict, modules: dict) -> Optional[str]:
         for pname, t in tensors:
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 return f"parameter {name}.{pname} holds {int((~torch.isfinite(t)).sum())} non-finite values"
-    return None
+    return metric(True)
 
 
 # ------------------------------------------------------------------------------ seeds & digests
@@ -255,13 +262,24 @@ def optimizer_step(loss: torch.Tensor, optimizer, scaler, scheduler=None, params
 # ------------------------------------------------------------------------------------ stage
 
 
+@dataclass
+class Epoch:
+    """One epoch of :meth:`Stage.epochs`: ``index`` counts from 0; :meth:`log` records what the loop measured."""
+
+    index: int
+    metrics: dict = field(default_factory=dict)
+
+    def log(self, **metrics) -> None:
+        self.metrics.update(metrics)
+
+
 class Stage:
     """A resumable, checkpointed epoch loop in ``directory`` that knows what it was trained from.
 
     ``inputs`` (JSON-able: digests and settings) are compared with those recorded by an earlier
     run in the folder; a difference resets the stage with a printed reason. Use :attr:`finished`
-    to skip preparing data for a stage that will be reused, then :meth:`load_final`; else
-    :meth:`train`.
+    to skip preparing data for a stage that will be reused, then :meth:`load_final`; else write the
+    loop over :meth:`epochs` (or pass the epoch's body to :meth:`train`).
     """
 
     def __init__(self, directory: os.PathLike, inputs: Optional[dict] = None, desc: Optional[str] = None,
@@ -369,18 +387,26 @@ class Stage:
         return self.history
 
     # -- the loop --------------------------------------------------------------------------
-    def train(self, modules: dict, optimizer, epochs: int, train_epoch: Callable[[int], dict],
-              validate: Optional[Callable[[], dict]] = None, *, seed: int, scheduler=None, scaler=None,
-              monitor: Optional[str] = None, mode: str = "max", extra_state: Optional[dict] = None) -> list[dict]:
-        """Train (or resume, or reuse) for ``epochs``; returns the per-epoch history.
+    def epochs(self, modules: dict, optimizer, epochs: int, *, seed: int, scheduler=None, scaler=None,
+               monitor: Optional[str] = None, mode: str = "max", extra_state: Optional[dict] = None) -> Iterator[Epoch]:
+        """The epochs still to run, for a loop written out by the caller::
 
-        ``train_epoch(epoch) -> dict`` trains one epoch and returns its metrics (e.g. loss);
-        ``validate() -> dict`` returns validation metrics; ``monitor`` names the one that picks
-        the best checkpoint (``mode`` "max" or "min"). ``extra_state``: name -> object with
-        state_dict/load_state_dict (e.g. an EMA) saved in every checkpoint.
+            for epoch in stage.epochs({"model": model}, optimizer, 10, seed=0, scheduler=sched, monitor="val_dice"):
+                for batch in batches:          # the caller's data, forward, loss, backward and step
+                    ...
+                epoch.log(loss=mean_loss, val_dice=validate())
+
+        Before each epoch torch/numpy/random are reseeded from (seed, epoch); after it (once the loop body has
+        run) the logged metrics and the weights are checked for NaN/inf, the best weights by ``monitor`` (``mode``
+        "max" or "min") are kept, and a checkpoint of ``modules``, the optimizer, scheduler, scaler and
+        ``extra_state`` (name -> object with state_dict/load_state_dict, e.g. an EMA) is written. A stage that was
+        interrupted resumes after its last finished epoch; a finished one loads its weights and yields nothing.
+        When the loop ends the final weights and ``done.json`` are written and the best weights loaded;
+        :attr:`history` holds the per-epoch rows.
         """
         if self.finished:
-            return self.load_final(modules)
+            self.load_final(modules)
+            return
         self.dir.mkdir(parents=True, exist_ok=True)
         write_json(self.inputs_path, self.inputs)
         parts = {"optimizer": optimizer, "scheduler": scheduler, "scaler": scaler, **(extra_state or {})}
@@ -389,36 +415,36 @@ class Stage:
         stop = os.environ.get(STOP_ENV, "")
         bar = tqdm(range(self.start_epoch, epochs), desc=self.desc, initial=self.start_epoch, total=epochs,
                    unit="epoch", dynamic_ncols=True)
-        for epoch in bar:
-            seed_everything(int(seed) * 100_003 + epoch)
+        for index in bar:
+            seed_everything(int(seed) * 100_003 + index)
             t0 = time.perf_counter()
-            row = {"epoch": epoch + 1, **(train_epoch(epoch) or {})}
+            epoch = Epoch(index)
+            yield epoch
+            row = {"epoch": index + 1, **epoch.metrics}
             # fp16 on CUDA: a batch that overflows gives an inf loss the GradScaler skips; only the weights count there
             fp16 = scaler is not None and getattr(scaler, "is_enabled", lambda: False)()
             bad = non_finite({} if fp16 else row, modules)
             if bad is not None:
                 bar.close()
                 lr = f" (lr {optimizer.param_groups[0]['lr']:.3g} at this epoch)" if optimizer is not None else ""
-                kept = (f"the last good checkpoint (after epoch {epoch}) stays in {self.ckpt}" if self.ckpt.is_dir()
+                kept = (f"the last good checkpoint (after epoch {index}) stays in {self.ckpt}" if self.ckpt.is_dir()
                         else "no checkpoint was written")
                 raise DivergedError(
-                    f"[{self.desc}] diverged in epoch {epoch + 1}/{epochs}: {bad}. Likely cause: a learning rate too "
+                    f"[{self.desc}] diverged in epoch {index + 1}/{epochs}: {bad}. Likely cause: a learning rate too "
                     f"high for this model{lr}; lower it and run again. {kept}; no final weights were written.")
-            if validate is not None:
-                row.update(validate() or {})
             if optimizer is not None:
                 row["lr"] = optimizer.param_groups[0]["lr"]
             row["seconds"] = round(time.perf_counter() - t0, 3)
             self.history.append(row)
             if monitor is not None and self._better(float(row[monitor]), mode):
                 self.best = float(row[monitor])
-                save_weights(self.best_path, modules, {"epoch": epoch + 1, monitor: self.best})
-            self._save_checkpoint(epoch + 1, modules, parts)
+                save_weights(self.best_path, modules, {"epoch": index + 1, monitor: self.best})
+            self._save_checkpoint(index + 1, modules, parts)
             self._write_log()
             bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if isinstance(v, float) and k != "lr"})
-            if stop == f"{self.dir.name}:{epoch + 1}":
+            if stop == f"{self.dir.name}:{index + 1}":
                 bar.close()
-                raise StageInterrupted(f"[{self.desc}] stopped after epoch {epoch + 1} ({STOP_ENV}={stop})")
+                raise StageInterrupted(f"[{self.desc}] stopped after epoch {index + 1} ({STOP_ENV}={stop})")
         bar.close()
         save_weights(self.final_path, modules, {"epoch": epochs})
         write_json(self.done_path, {"epochs": epochs, "monitor": monitor, "best": self.best, "history": self.history,
@@ -426,6 +452,15 @@ class Stage:
         shutil.rmtree(self.ckpt, ignore_errors=True)  # the final weights and done.json are the record
         if monitor is not None and self.best_path.is_file():
             load_weights(self.best_path, modules)
+
+    def train(self, modules: dict, optimizer, epochs: int, train_epoch: Callable[[int], dict],
+              validate: Optional[Callable[[], dict]] = None, **loop) -> list[dict]:
+        """:meth:`epochs` with the epoch's body as functions: ``train_epoch(epoch) -> metrics`` then
+        ``validate() -> metrics``; ``loop``: the keyword arguments of :meth:`epochs`. Returns the history."""
+        for epoch in self.epochs(modules, optimizer, epochs, **loop):
+            epoch.log(**(train_epoch(epoch.index) or {}))
+            if validate is not None:
+                epoch.log(**(validate() or {}))
         return self.history
 
 

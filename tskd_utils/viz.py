@@ -1,4 +1,4 @@
-"""Plots the notebooks show: image grids with mask overlays, training curves, bar charts.
+"""Plots the notebooks show: image grids with mask overlays, training curves, bar charts; a function's source.
 
 Every function returns the matplotlib Figure and, given ``save``, also writes it as a PNG (the run
 folder's ``figures/``), so the executed notebooks and the run folder tell the same story.
@@ -6,6 +6,7 @@ folder's ``figures/``), so the executed notebooks and the run folder tell the sa
 
 from __future__ import annotations
 
+import inspect
 import math
 from pathlib import Path
 from typing import Optional, Sequence
@@ -32,6 +33,14 @@ def overlay(image: np.ndarray, mask: Optional[np.ndarray] = None, alpha: float =
         fg = (m > 0)[..., None]
         rgb = np.where(fg, (1 - alpha) * rgb + alpha * colors, rgb)
     return np.clip(rgb, 0, 1)
+
+
+def source(fn):
+    """A function's source as highlighted code (a notebook shows it; ``str()`` gives the text): the one copy the
+    package runs, shown where the notebook uses it."""
+    from IPython.display import Code
+
+    return Code(inspect.getsource(fn), language="python")
 
 
 def _save(fig, save: Optional[Path]):
