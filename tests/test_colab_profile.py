@@ -62,7 +62,7 @@ def test_colab_profile_trains_sam_vit_b_with_gradient_checkpointing_on_cpu(tmp_p
     torch.manual_seed(0)  # the same LoRA dropout masks in both passes
     plain, loss = _saved_bytes(model, batch)
     loss.backward()
-    teacher._enable_grad_checkpointing(lora_encoder)  # what teacher.train_lora calls for this profile on a GPU
+    teacher._enable_grad_checkpointing(lora_encoder)  # what teacher.lora_training calls for this profile on a GPU
     model.zero_grad(set_to_none=True)
     torch.manual_seed(0)
     checkpointed, loss_ckpt = _saved_bytes(model, batch)
@@ -77,8 +77,9 @@ def test_colab_profile_trains_sam_vit_b_with_gradient_checkpointing_on_cpu(tmp_p
     sizes = []
     with torch.autograd.graph.saved_tensors_hooks(lambda x: sizes.append(x.numel() * x.element_size()) or x,
                                                   lambda x: x):
-        history = teacher.fit_lora(run, peft_model, model, data, teacher.lora_loss,
-                                   Stage(tmp_path / "lora", {"test": "colab profile"}, desc="colab LoRA"))
+        history = teacher.fit_lora(teacher.lora_loop(run, peft_model, model, data,
+                                                     Stage(tmp_path / "lora", {"test": "colab profile"},
+                                                           desc="colab LoRA")))
     assert len(history) == 1 and torch.isfinite(torch.tensor(history[0]["loss"])) and 0 <= history[0]["val_dice"] <= 1
     assert sum(sizes) < plain  # the training step (two images) keeps less than one image without checkpointing
     after = dict(lora_encoder.named_parameters())

@@ -13,7 +13,7 @@ from tskd_utils.reproduce import NOTEBOOKS
 
 PARAMETERS = {"profile", "dataset", "data_root", "run_dir", "n_labeled", "seed", "overrides"}
 WITH_CORE = ("02_teacher_lora_finetuning", "03_diffusion_synthesis", "04_distillation")
-WITH_LOOP = ("04_distillation",)  # the stage's training loop written out as code
+WITH_LOOP = ("02_teacher_lora_finetuning", "03_diffusion_synthesis", "04_distillation")  # the stage's training loop written out as code
 CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 # a result typed into prose (a score such as 0.87 or 0.311): results come from cells, not from the text
 TYPED_RESULT = re.compile(r"(?<![\w.`$])0\.\d{2,}(?![\w`])")
@@ -102,7 +102,8 @@ def test_the_training_loop_is_written_out_in_the_notebook(name):
     assert re.search(r"for epoch in \w+(\.\w+)*\.epochs\(", text)
     assert re.search(r"for .+ in .+batches\(", text) and "loss" in text
     assert "optimizer_step(" in text or ".backward()" in text
-    assert "epoch.log(" in text and "validate" in text
+    assert "epoch.log(" in text
+    assert "validate" in text or "no validation" in text  # the DDPM is judged by its images (notebook 03)
     assert len(_code_lines(loop[0])) <= 40
 
 
@@ -122,6 +123,9 @@ def test_badges_and_setup_cells_come_from_the_one_place():
         assert environment.badge_line(name) in first.splitlines(), f"{name}: badges differ from REPO_URL @ RELEASE"
         assert f"/blob/{environment.RELEASE}/notebooks/{name}.ipynb" in environment.badge_line(name)
         assert setup == environment.setup_cell_source(), f"{name}: the setup cell differs (make it with --sync)"
+        # collapsed: a reader sees its title line only (Jupyter hides the source; Colab shows a form)
+        assert cells[1]["metadata"].get("jupyter", {}).get("source_hidden") is True, name
+        assert cells[1]["metadata"].get("cellView") == "form" and setup.startswith("# @title "), name
     readme = (REPO / "README.md").read_text().splitlines()
     assert all(badge in readme for badge in environment.readme_badges())
     assert environment.sync_notebooks(check=True) == []  # `python -m tskd_utils.environment --sync` is a no-op

@@ -88,7 +88,9 @@ def test_ensure_computes_only_what_is_missing_and_says_how_long(smoke_run, capsy
     assert "No trained student for scratch" in out and "under a minute on 2 CPU cores in the smoke profile" in out
     assert not stages.teacher_ready(smoke_run) and not stages.synthetic_ready(smoke_run)
     assert stages.ensure_students(smoke_run, ["scratch"]) == [] and capsys.readouterr().out == ""  # present: nothing
-    assert set(stages.ESTIMATES) >= {"smoke", "demo", "colab"}
+    from tskd_utils.config import MACHINES, PROFILES
+
+    assert set(MACHINES) == set(PROFILES)  # every profile has its machine facts, in one place
     colab = Run(smoke_run.dir, get_profile("colab"), "toy", smoke_run.data_root, 6, 0)  # on this CPU machine
     text = stages.estimate(colab, "students", 6)
     assert "colab profile" in text and "not measured" in text and "no GPU" in text

@@ -313,6 +313,32 @@ def _paper() -> Profile:
 PROFILES = {"smoke": _smoke, "demo": _demo, "cpu": _cpu, "colab": _colab, "paper": _paper}
 
 
+@dataclass(frozen=True)
+class Machine:
+    """What a profile is sized for, beside its training settings: the one place for the facts the stages, the sweep's
+    schedulers and the environment's hints use."""
+    where: str  # the machine the profile is for, as printed ("on 2 CPU cores")
+    gpu: bool  # sized for a GPU: hours or days on a CPU (environment.hints says so)
+    cpus: int  # what one run asks a scheduler (Ray, SLURM) for
+    gpus: int
+    slurm_minutes: int  # SLURM's default time limit per run
+    minutes: dict  # minutes per stage when stages.ensure_* computes it (students: per method)
+    measured: bool  # the minutes were measured (else a rough guess, printed as such)
+
+
+# Minutes: smoke on 2 busy CPU cores (tests/test_notebooks_alone.py); demo: notebooks 02, 03 and 04 of a fresh
+# clone's `make demo` on 2 CPU cores without AVX-512 (docs/benchmarks.md, commit 3340799: 8.2, 10.5 and 15.5 min for
+# 7 methods; update these when the demo profile is re-timed); cpu: the HC18 sweep run of docs/benchmarks.md
+# (n_labeled 20, seed 0); colab and paper: rough guesses, not measured yet.
+MACHINES = {
+    "smoke": Machine("on 2 CPU cores", False, 1, 0, 30, {"teacher": 0.2, "synthetic": 0.2, "students": 0.1}, True),
+    "demo": Machine("on 2 CPU cores", False, 2, 0, 3 * 60, {"teacher": 8, "synthetic": 10.5, "students": 2.2}, True),
+    "cpu": Machine("on 2 CPU cores", False, 2, 0, 4 * 60, {"teacher": 10, "synthetic": 11.5, "students": 9}, True),
+    "colab": Machine("on a T4 GPU", True, 4, 1, 24 * 60, {"teacher": 10, "synthetic": 25, "students": 10}, False),
+    "paper": Machine("on a large GPU", True, 8, 1, 72 * 60, {"teacher": 60, "synthetic": 180, "students": 60}, False),
+}
+
+
 def _coerce(value: Any, current: Any, key: str) -> Any:
     """Convert an override (often a string from the command line) to the type of the default."""
     if isinstance(value, str):

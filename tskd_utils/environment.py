@@ -36,13 +36,13 @@ from pathlib import Path
 from typing import Optional
 
 from . import REPO_ROOT, __version__
+from .config import MACHINES
 
 REPO_URL = "https://github.com/tskd-project/tskd"  # the repository (badges; the setup cell clones REPO_URL + ".git")
 RELEASE = f"v{__version__}"  # the git tag the badges open and the setup cell installs
 NOTEBOOKS = ("01_data_preparation", "02_teacher_lora_finetuning", "03_diffusion_synthesis", "04_distillation",
              "05_evaluation")
 PLATFORMS = ("colab", "kaggle", "binder", "local")
-GPU_PROFILES = ("colab", "paper")  # profiles sized for a GPU (hours or days on a CPU)
 DRIVE_MOUNT = Path("/content/drive")
 DRIVE_FOLDER = DRIVE_MOUNT / "MyDrive" / "tskd"  # data/ and runs/ there when drive=True on Colab
 KAGGLE_WORKING = Path("/kaggle/working")
@@ -178,15 +178,21 @@ def describe() -> dict:
             "packages": {p: package_version(p) for p in PACKAGES}}
 
 
+def _demo_minutes() -> int:
+    m = MACHINES["demo"].minutes
+    return round(m["teacher"] + m["synthetic"] + 7 * m["students"])
+
+
 def hints(profile: Optional[str] = None, run_dir: Optional[str] = None, facts: Optional[dict] = None) -> list[str]:
     """One line each for what looks wrong: a GPU profile without a GPU, a Colab run folder on the VM's disk."""
     facts = facts or describe()
     out = []
-    if profile in GPU_PROFILES and not facts["gpu"]:
+    if profile in MACHINES and MACHINES[profile].gpu and not facts["gpu"]:
         where = {"colab": "Runtime > Change runtime type > T4 GPU, then run all again",
                  "kaggle": "Settings > Accelerator > GPU T4, then run all again"}.get(facts["platform"])
         out.append(f"profile {profile!r} is sized for a GPU and none is visible: it would take many hours here; "
-                   + (f"{where}, or " if where else "") + "set TSKD_PROFILE=demo (CPU, about 20 min for all five notebooks)")
+                   + (f"{where}, or " if where else "") + "set TSKD_PROFILE=demo (CPU: "
+                   f"about {_demo_minutes()} min {MACHINES['demo'].where} for notebooks 02-04, seven methods)")
     if facts["platform"] == "binder":
         out.append("Binder has 2 GB of memory: keep one notebook's kernel running at a time (Kernel > Shut Down Kernel"
                    " before the next notebook)" + ("" if profile in (None, BINDER_PROFILE) else
@@ -277,7 +283,8 @@ def readme_badges(notebook: str = NOTEBOOKS[0]) -> list[str]:
 
 
 SETUP_CELL = '''\
-# Setup: installs only what is missing, so it is safe to re-run. On Colab / Kaggle it clones release {release}
+# @title Setup (collapsed): installs tskd where it is missing (Colab, Kaggle); safe to re-run
+# Installs only what is missing, so it is safe to re-run. On Colab / Kaggle it clones release {release}
 # of the repository and pip-installs it; TSKD_REPO_URL and TSKD_REF install a fork, a local clone or another tag.
 import importlib.util, os, subprocess, sys
 if importlib.util.find_spec("tskd_utils") is None:
@@ -294,6 +301,10 @@ if importlib.util.find_spec("tskd_utils") is None:
                                "and run it again") from None
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", "tskd"], check=True)
     sys.path.insert(0, os.path.abspath("tskd"))'''
+
+
+# the setup cell starts collapsed: Jupyter hides its source, Colab shows it as a form with its title line
+SETUP_METADATA = {"jupyter": {"source_hidden": True}, "cellView": "form"}
 
 
 def setup_cell_source() -> str:
@@ -328,10 +339,11 @@ def sync_notebooks(notebooks_dir: Optional[os.PathLike] = None, readme: Optional
             raise ValueError(f"{path}: the second cell is not the setup cell")
         lines[badge[0]] = badge_line(name)
         new_first, new_setup = _source_lines("\n".join(lines)), _source_lines(setup_cell_source())
-        if first["source"] != new_first or setup["source"] != new_setup:
+        new_meta = {**setup.get("metadata", {}), **SETUP_METADATA}
+        if first["source"] != new_first or setup["source"] != new_setup or setup.get("metadata") != new_meta:
             changed.append(str(path))
             if not check:
-                first["source"], setup["source"] = new_first, new_setup
+                first["source"], setup["source"], setup["metadata"] = new_first, new_setup, new_meta
                 path.write_text(json.dumps(nb, indent=1, ensure_ascii=False, sort_keys=True) + "\n")  # nbformat's layout
     text = readme.read_text()
     new = text

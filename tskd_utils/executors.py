@@ -14,11 +14,9 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from .config import MACHINES
 from .runner import NOTEBOOKS, RunSpec, SweepError, _fmt, read_status, record_lost, run_one
 
-# what one run asks a scheduler for, by profile: (CPUs, GPUs)
-RESOURCES = {"smoke": (1, 0), "demo": (2, 0), "cpu": (2, 0), "colab": (4, 1), "paper": (8, 1)}
-SLURM_MINUTES = {"smoke": 30, "demo": 3 * 60, "cpu": 4 * 60, "colab": 24 * 60, "paper": 72 * 60}  # default time limit per run
 POLL_S = 2.0  # how often a remote driver looks at the runs' status.json
 CLUSTER_HINT = 'pip install -e ".[cluster]"'
 
@@ -26,7 +24,8 @@ OnDone = Callable[[RunSpec, dict], None]
 
 
 def run_resources(profile: str, cpus: Optional[int] = None, gpus: Optional[int] = None) -> tuple[int, int]:
-    c, g = RESOURCES.get(profile, (2, 0))
+    m = MACHINES.get(profile)  # what one run asks a scheduler for: the profile's, else 2 CPUs
+    c, g = (m.cpus, m.gpus) if m is not None else (2, 0)
     c, g = (c if cpus is None else int(cpus)), (g if gpus is None else int(gpus))
     if c < 1 or g < 0:
         raise SweepError(f"a run needs at least 1 CPU and >= 0 GPUs, got --cpus-per-run {c} --gpus-per-run {g}")
@@ -215,7 +214,7 @@ class SlurmExecutor(Executor):
         self.cpus, self.gpus = run_resources(profile, cpus_per_run, gpus_per_run)
         self.folder = Path(out) / "_slurm"
         self.cluster = cluster
-        self.params = {"timeout_min": int(time_min or SLURM_MINUTES.get(profile, 180)), "name": "tskd-sweep",
+        self.params = {"timeout_min": int(time_min or (MACHINES[profile].slurm_minutes if profile in MACHINES else 180)), "name": "tskd-sweep",
                        "cpus_per_task": self.cpus, "gpus_per_node": self.gpus}
         if mem_gb:
             self.params["mem_gb"] = int(mem_gb)

@@ -32,6 +32,7 @@ import contextlib
 import math
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -217,85 +218,139 @@ def encoded(vae, data: torch.Tensor, device: str) -> torch.Tensor:
                           range(0, len(data), 16)]) * vae.config.scaling_factor
 
 
-def _fit_ddpm(run: Run, stage: Stage, unet, scheduler, ema, loss_fn: Callable, data: torch.Tensor,
-              mirrored: Optional[torch.Tensor] = None) -> list[dict]:
-    """Train the UNet on ``data`` (images in [-1, 1], or latents); a random half of each batch is mirrored
-    (``mirrored``: the mirror images' own latents, for latent diffusion)."""
-    cfg, device = run.profile.diffusion, run.device
-    n, bs = data.shape[0], cfg.batch_size
-    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = warmup_cosine(opt, cfg.warmup_steps, cfg.epochs * math.ceil(n / bs))
-    scaler = grad_scaler(device, cfg.amp)
+@dataclass
+class DiffusionTraining:
+    """The DDPM stage ready for its loop: notebook 03 writes the loop out, :func:`train_diffusion` runs the same one
+    (:func:`fit_diffusion`). ``noise_scheduler`` adds noise and defines the targets; ``ema`` holds the averaged
+    weights that are sampled from; :meth:`batches` is one shuffled pass over the training images (or latents), a
+    random half mirrored; :meth:`finish` saves the EMA pipeline and ``train.json``."""
 
-    def train_epoch(epoch: int) -> dict:
-        unet.train()
-        order, total = torch.randperm(n), 0.0
-        for i in range(0, n, bs):
-            idx = order[i:i + bs]
-            x0 = data[idx].to(device)
+    run: Run
+    stage: Stage
+    unet: torch.nn.Module
+    noise_scheduler: object
+    ema: object
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    scaler: object
+    data: torch.Tensor  # (N, 1, S, S) in [-1, 1], or latents (N, C, h, w)
+    mirrored: Optional[torch.Tensor] = None  # latent diffusion: the mirror images' own latents
+    vae: object = None
+    started: float = 0.0
+
+    @property
+    def n_images(self) -> int:
+        return len(self.data)
+
+    @property
+    def loop(self) -> dict:
+        device = self.run.device
+        ema_state = StateOf(self.ema.state_dict, lambda sd: (self.ema.load_state_dict(sd), self.ema.to(device)))
+        return {"modules": {"unet": self.unet}, "optimizer": self.optimizer, "epochs": self.run.profile.diffusion.epochs,
+                "seed": self.run.seed_for("ddpm"), "scheduler": self.lr_scheduler, "scaler": self.scaler,
+                "extra_state": {"ema": ema_state}}  # the EMA is checkpointed with the weights (back on the device)
+
+    def autocast(self):
+        """fp16 autocast on CUDA (``diffusion.amp``), else a no-op."""
+        return autocast(self.run.device, self.run.profile.diffusion.amp)
+
+    def batches(self):
+        cfg, device, n = self.run.profile.diffusion, self.run.device, len(self.data)
+        order = torch.randperm(n)
+        for i in range(0, n, cfg.batch_size):
+            idx = order[i:i + cfg.batch_size]
+            x0 = self.data[idx].to(device)
             if cfg.flip:
                 flip = (torch.rand(x0.shape[0]) < 0.5).to(device)[:, None, None, None]
-                x0 = torch.where(flip, x0.flip(-1) if mirrored is None else mirrored[idx].to(device), x0)
-            with autocast(device, cfg.amp):
-                loss = loss_fn(unet, scheduler, x0)
-            optimizer_step(loss, opt, scaler, sched, unet.parameters(), cfg.max_grad_norm)
-            ema.step(unet.parameters())
-            total += loss.item() * x0.shape[0]
-        return {"loss": total / n}
+                x0 = torch.where(flip, x0.flip(-1) if self.mirrored is None else self.mirrored[idx].to(device), x0)
+            yield x0
 
-    ema_state = StateOf(ema.state_dict, lambda sd: (ema.load_state_dict(sd), ema.to(device)))  # back on the device
-    return stage.train({"unet": unet}, opt, cfg.epochs, train_epoch, seed=run.seed_for("ddpm"), scheduler=sched,
-                       scaler=scaler, extra_state={"ema": ema_state})
+    def finish(self) -> dict:
+        """Save the pipeline of the EMA weights (``DDPMPipeline``, or ``LDMPipeline`` with the autoencoder) and the
+        stage's summary (``train.json``, returned)."""
+        from diffusers import DDPMPipeline, LDMPipeline
+
+        cfg, out, history = self.run.profile.diffusion, self.run.synthetic_dir, self.stage.history
+        ema_unet = build_unet(cfg)
+        self.ema.copy_to(ema_unet.parameters())
+        tmp = out / f".{PIPELINE_DIR}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        with _quiet_diffusers():
+            pipe = DDPMPipeline(unet=ema_unet.eval(), scheduler=self.noise_scheduler) if self.vae is None else \
+                LDMPipeline(vqvae=self.vae.to("cpu").eval(), unet=ema_unet.eval(), scheduler=self.noise_scheduler)
+        pipe.save_pretrained(str(tmp))
+        shutil.rmtree(out / PIPELINE_DIR, ignore_errors=True)
+        tmp.rename(out / PIPELINE_DIR)
+        done = read_json(self.stage.done_path)
+        summary = {"n_train_images": len(self.data), "sample_size": cfg.sample_size, "latent": cfg.latent,
+                   "epochs": cfg.epochs, "batch_size": cfg.batch_size,
+                   "steps": cfg.epochs * math.ceil(len(self.data) / cfg.batch_size),
+                   "parameters": count_parameters(self.unet), "device": self.run.device,
+                   "train_seconds": done.get("seconds"), "wall_seconds": round(time.perf_counter() - self.started, 2),
+                   "history": history, "final_loss": history[-1]["loss"] if history else None,
+                   "pipeline": str(out / PIPELINE_DIR)}
+        write_json(out / "train.json", summary)
+        return summary
 
 
-def train_diffusion(run: Run, force: bool = False, loss_fn: Optional[Callable] = None) -> dict:
-    """Train the DDPM on the run's train images (resumable) and save the EMA pipeline.
+def diffusion_training(run: Run, force: bool = False, loss_fn: Optional[Callable] = None):
+    """Set the DDPM stage up on the run's train images: a :class:`DiffusionTraining`, or the summary (a dict) of a
+    finished model that is reused, or of a skipped stage (``diffusion.n_synthetic = 0``).
 
-    ``loss_fn(unet, scheduler, x0) -> loss`` (default :func:`tskd_utils.losses.diffusion_loss`; notebook 03
-    writes it out). Returns a summary, also written to ``<run>/synthetic/train.json``.
-    """
-    from diffusers import DDPMPipeline, LDMPipeline
+    ``loss_fn(unet, scheduler, x0) -> loss`` is the objective the loop will use (default
+    :func:`tskd_utils.losses.diffusion_loss`); its source is part of the stage's inputs (None: any finished model
+    will do)."""
     from diffusers.training_utils import EMAModel
 
     cfg, out = run.profile.diffusion, run.synthetic_dir
     if cfg.n_synthetic <= 0:
         return _skipped(run)
-    ignore = ("loss",) if loss_fn is None else ()  # no loss named: any finished model will do
-    loss_fn = loss_fn or diffusion_loss
-    stage = Stage(out / STAGE_DIR, _training_inputs(run, loss_fn), desc="DDPM", force=force, ignore=ignore)
+    stage = Stage(out / STAGE_DIR, _training_inputs(run, loss_fn or diffusion_loss), desc="DDPM", force=force,
+                  ignore=("loss",) if loss_fn is None else ())
     if stage.finished:
         if (out / PIPELINE_DIR / "model_index.json").is_file() and (out / "train.json").is_file():
             print(f"[DDPM] finished earlier with the same inputs: reusing {out / PIPELINE_DIR} (force=True retrains)")
             return read_json(out / "train.json")
         print(f"[DDPM] {out / PIPELINE_DIR} is missing: retraining")  # the EMA weights live in the pipeline only
         stage.reset()
-    t0 = time.perf_counter()
+    started = time.perf_counter()
     with seeded(run.seed_for("ddpm", "init")):
         unet = build_unet(cfg).to(run.device)
-    scheduler, data, mirrored, vae = build_scheduler(cfg), training_images(run), None, None
+    data, mirrored, vae = training_images(run), None, None
     if cfg.latent:  # the UNet learns the autoencoder's latents of the images and of their mirror images
         vae = train_vae(run, data)
         data, mirrored = encoded(vae, data, run.device), encoded(vae, data.flip(-1), run.device)
-    ema = EMAModel(unet.parameters(), decay=cfg.ema_decay)
-    history = _fit_ddpm(run, stage, unet, scheduler, ema, loss_fn, data, mirrored)
-    ema_unet = build_unet(cfg)
-    ema.copy_to(ema_unet.parameters())
-    tmp = out / f".{PIPELINE_DIR}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    with _quiet_diffusers():
-        pipe = DDPMPipeline(unet=ema_unet.eval(), scheduler=scheduler) if vae is None else \
-            LDMPipeline(vqvae=vae.to("cpu").eval(), unet=ema_unet.eval(), scheduler=scheduler)
-    pipe.save_pretrained(str(tmp))
-    shutil.rmtree(out / PIPELINE_DIR, ignore_errors=True)
-    tmp.rename(out / PIPELINE_DIR)
-    done = read_json(stage.done_path)
-    summary = {"n_train_images": len(data), "sample_size": cfg.sample_size, "latent": cfg.latent, "epochs": cfg.epochs,
-               "batch_size": cfg.batch_size, "steps": cfg.epochs * math.ceil(len(data) / cfg.batch_size),
-               "parameters": count_parameters(unet), "device": run.device, "train_seconds": done.get("seconds"),
-               "wall_seconds": round(time.perf_counter() - t0, 2), "history": history,
-               "final_loss": history[-1]["loss"] if history else None, "pipeline": str(out / PIPELINE_DIR)}
-    write_json(out / "train.json", summary)
-    return summary
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = warmup_cosine(opt, cfg.warmup_steps, cfg.epochs * math.ceil(len(data) / cfg.batch_size))
+    return DiffusionTraining(run, stage, unet, build_scheduler(cfg), EMAModel(unet.parameters(), decay=cfg.ema_decay),
+                             opt, sched, grad_scaler(run.device, cfg.amp), data, mirrored, vae, started)
+
+
+def fit_diffusion(ddpm: DiffusionTraining, loss_fn: Optional[Callable] = None) -> dict:
+    """The DDPM loop (the one notebook 03 writes out), then the saved pipeline; returns the summary."""
+    loss_fn = loss_fn or diffusion_loss
+    for epoch in ddpm.stage.epochs(**ddpm.loop):
+        ddpm.unet.train()
+        total = 0.0
+        for x0 in ddpm.batches():
+            with ddpm.autocast():
+                loss = loss_fn(ddpm.unet, ddpm.noise_scheduler, x0)
+            optimizer_step(loss, ddpm.optimizer, ddpm.scaler, ddpm.lr_scheduler, ddpm.unet.parameters(),
+                           ddpm.run.profile.diffusion.max_grad_norm)  # backward, clipping, AdamW, schedule
+            ddpm.ema.step(ddpm.unet.parameters())
+            total += loss.item() * len(x0)
+        epoch.log(loss=total / ddpm.n_images)
+    return ddpm.finish()
+
+
+def train_diffusion(run: Run, force: bool = False, loss_fn: Optional[Callable] = None) -> dict:
+    """Train the DDPM on the run's train images (resumable) and save the EMA pipeline.
+
+    ``loss_fn(unet, scheduler, x0) -> loss`` (default :func:`tskd_utils.losses.diffusion_loss`). Returns a
+    summary, also written to ``<run>/synthetic/train.json``.
+    """
+    ddpm = diffusion_training(run, force, loss_fn)
+    return ddpm if isinstance(ddpm, dict) else fit_diffusion(ddpm, loss_fn)
 
 
 def load_pipeline(run: Run):

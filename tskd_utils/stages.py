@@ -9,7 +9,7 @@ staleness when its notebook runs); a missing one is computed by the package with
 defaults (LoRA config, losses), with a printed line saying what and about how long it takes in this
 profile. The stages resume an interrupted computation and reuse finished work.
 
-:data:`ESTIMATES` is the one table of those durations.
+:data:`tskd_utils.config.MACHINES` holds those durations, with the profiles' other machine facts.
 """
 
 from __future__ import annotations
@@ -19,24 +19,12 @@ from typing import Optional, Sequence
 
 from tqdm.auto import tqdm
 
+from .config import MACHINES
 from .distill import run_method
 from .generation import generate, synthetic_paths
 from .run import Run, check_methods
 from .teacher import train_teacher
 
-# Minutes a stage takes when computed by these functions, per profile, on the machine the profile is for:
-# smoke: 2 busy CPU cores (tests/test_notebooks_alone.py); demo: notebooks 02, 03 and 04 of a fresh clone's
-# `make demo` on 2 CPU cores without AVX-512 (docs/benchmarks.md, commit 3340799: 8.2, 10.5 and 15.5 min for 7
-# methods; update these when the demo profile is re-timed); cpu: the HC18
-# sweep run of docs/benchmarks.md (n_labeled 20, seed 0);
-# colab and paper: rough guesses, not measured yet (printed as such). "students" is per method.
-ESTIMATES = {
-    "smoke": {"where": "on 2 CPU cores", "measured": True, "teacher": 0.2, "synthetic": 0.2, "students": 0.1},
-    "demo": {"where": "on 2 CPU cores", "measured": True, "teacher": 8, "synthetic": 10.5, "students": 2.2},
-    "cpu": {"where": "on 2 CPU cores", "measured": True, "teacher": 10, "synthetic": 11.5, "students": 9},
-    "colab": {"where": "on a T4 GPU", "measured": False, "teacher": 10, "synthetic": 25, "students": 10},
-    "paper": {"where": "on a large GPU", "measured": False, "teacher": 60, "synthetic": 180, "students": 60},
-}
 STAGE_NOTEBOOK = {"teacher": "02_teacher_lora_finetuning", "synthetic": "03_diffusion_synthesis",
                   "students": "04_distillation"}
 NEEDS_TEACHER = ("ts_kd", "ts_kd_nosyn", "ta_kd")  # their pretraining distills the teacher
@@ -51,13 +39,13 @@ def _minutes(m: float) -> str:
 
 def estimate(run: Run, stage: str, count: int = 1) -> str:
     """How long ``stage`` takes in the run's profile ("about 5 min on 2 CPU cores"), or that it is not known."""
-    e = ESTIMATES.get(run.profile.name)
-    if e is None or e.get(stage) is None:
+    m = MACHINES.get(run.profile.name)
+    if m is None or m.minutes.get(stage) is None:
         return f"no time estimate for the {run.profile.name!r} profile"
-    text = f"{_minutes(e[stage] * count)} {e['where']} in the {run.profile.name} profile"
-    if not e["measured"]:
+    text = f"{_minutes(m.minutes[stage] * count)} {m.where} in the {run.profile.name} profile"
+    if not m.measured:
         text += " (a rough guess, not measured yet)"
-    if e["where"].endswith("GPU") and not run.device.startswith("cuda"):
+    if m.gpu and not run.device.startswith("cuda"):
         text += "; this machine has no GPU, so expect many times longer"
     return text
 

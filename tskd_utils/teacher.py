@@ -8,10 +8,10 @@ Two teachers are trained on the n_labeled cases with the same head, loss and sch
   from the frozen baseline's head (linear probe, then fine-tune).
 
 The better of the two on validation is the teacher that notebook 04 distills (``selected``); when
-LoRA loses to the frozen baseline, that is said, not hidden. The notebook shows the method's core
-(the ``LoraConfig`` and the loss of one training step) and passes them here; this module keeps the
-bookkeeping: cached features, checkpoints, resume, progress and the record of what each stage was
-trained from.
+LoRA loses to the frozen baseline, that is said, not hidden. Notebook 02 shows the method's core (the
+``LoraConfig``, the loss of one training step) and writes the LoRA loop out over :func:`lora_training`'s
+stage; :func:`train_teacher` runs the same loop (:func:`fit_lora`). This module keeps the bookkeeping:
+cached features, checkpoints, resume, progress and the record of what each stage was trained from.
 
 Outputs in ``<run>/teacher/``: ``adapter/`` (peft ``save_pretrained``), ``head.safetensors``,
 ``frozen_head.safetensors``, ``metrics.json``, and the stage folders ``frozen/`` and ``lora/``.
@@ -259,71 +259,156 @@ def _enable_grad_checkpointing(encoder: TeacherEncoder) -> None:
             layer.use_checkpoint = True
 
 
-def fit_lora(run: Run, peft_model, model: TeacherSegmenter, d: TeacherData, loss_fn: Callable,
-             stage: Stage) -> list[dict]:
-    """Train adapters + head with ``loss_fn(model, batch)`` (checkpointed, resumable)."""
-    t, device = run.profile.teacher, run.device
-    n_cases = len(d.dataset)
-    steps = -(-n_cases // t.batch_size)
-    opt = _lora_optimizer(model, t)
-    sched = warmup_cosine(opt, t.warmup_epochs * steps, t.epochs * steps)
-    scaler = grad_scaler(device, t.amp)
-    online = None if d.train_prefix is not None else loader(d.dataset, t.batch_size, shuffle=True,
-                                                             num_workers=run.profile.data.num_workers)
+@dataclass
+class LoraTraining:
+    """The LoRA stage ready for its loop: notebook 02 writes the loop out, :func:`train_teacher` runs the same one
+    (:func:`fit_lora`). ``model`` is the adapted encoder + head (the head starts from the frozen baseline's);
+    ``loop`` holds the keyword arguments of ``stage.epochs``; :meth:`batches` is one epoch over the labeled cases;
+    :meth:`finish` writes the adapters, the head and ``metrics.json`` (which teacher is selected)."""
 
-    def batches(epoch):
-        if online is None:
+    run: Run
+    peft_model: object
+    model: TeacherSegmenter
+    stage: Stage
+    data: Callable[[], TeacherData]
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: object
+    config: object = None
+    frozen: Optional[tuple] = None  # (head, history, trained now?) of the frozen baseline
+    started: tuple = (0.0, 0.0)  # perf_counter at the frozen baseline's start and at LoRA's
+    trained: bool = False  # the LoRA stage had to train (not reused)
+    _online: object = None
+
+    @property
+    def loop(self) -> dict:
+        return {"modules": {"lora": lora_state(self.peft_model), "head": self.model.head}, "optimizer": self.optimizer,
+                "epochs": self.run.profile.teacher.epochs, "seed": self.run.seed_for("teacher", "lora"),
+                "scheduler": self.scheduler, "scaler": self.scaler, "monitor": "val_dice"}
+
+    @property
+    def n_images(self) -> int:
+        return len(self.run.splits["labeled"])
+
+    def train(self) -> None:
+        self.model.train()
+        bn_eval(self.model.encoder)  # the frozen base keeps its BatchNorm statistics
+
+    def autocast(self):
+        """fp16 autocast on CUDA (``teacher.amp``), else a no-op."""
+        return autocast(self.run.device, self.run.profile.teacher.amp)
+
+    def batches(self, epoch: int):
+        """One epoch: each labeled case once, as a random one of its cached augmented variants (prefix cache), or
+        augmented on line (no cache)."""
+        d, t, device = self.data(), self.run.profile.teacher, self.run.device
+        if d.train_prefix is not None:
             return (make_batch(d.train, d.train_prefix, idx, device) for idx in
-                    variant_batches(n_cases, d.n_variants, t.batch_size))
+                    variant_batches(len(d.dataset), d.n_variants, t.batch_size))
+        if self._online is None:
+            self._online = loader(d.dataset, t.batch_size, shuffle=True, num_workers=self.run.profile.data.num_workers)
         d.dataset.set_epoch(epoch)
         return ({"image": b["image"].to(device), "valid": b["valid"].to(device), "mask": b["mask"].to(device)}
-                for b in online)
+                for b in self._online)
 
-    def epoch_fn(epoch):
-        model.train()
-        bn_eval(model.encoder)  # the frozen base keeps its BatchNorm statistics
-        total, n = 0.0, 0
-        for batch in batches(epoch):
-            with autocast(device, t.amp):
-                loss = loss_fn(model, batch)
-            optimizer_step(loss, opt, scaler, sched)
-            total, n = total + loss.item() * len(batch["mask"]), n + len(batch["mask"])
-        return {"loss": total / n}
+    def validate(self) -> dict:
+        d, device = self.data(), self.run.device
+        self.model.eval()
+        with self.autocast():
+            return {"val_dice": val_dice(lambda idx: self.model.logits(make_batch(d.val, d.val_prefix, idx,
+                                                                                  device)).float(),
+                                         d.val["masks"], self.run.info.n_classes, self.run.profile.teacher.batch_size)}
 
-    def val_fn():
-        model.eval()
-        with autocast(device, t.amp):
-            return {"val_dice": val_dice(lambda idx: model.logits(make_batch(d.val, d.val_prefix, idx, device)).float(),
-                                         d.val["masks"], run.info.n_classes, t.batch_size)}
+    def finish(self) -> dict:
+        """Write the LoRA teacher and ``metrics.json``: both variants' validation Dice, which one is selected."""
+        run, t, out = self.run, self.run.profile.teacher, self.run.teacher_dir
+        head, frozen_hist, _ = self.frozen
+        if self.trained or not (out / "adapter" / "adapter_model.safetensors").is_file() or \
+                not (out / "head.safetensors").is_file():
+            self.peft_model.save_pretrained(str(out / "adapter"))
+            save_weights(out / "head.safetensors", {"head": self.model.head})
+        t0, t1 = self.started
+        results = {"teacher": t.name, "input_size": t.input_size, "n_labeled": len(run.splits["labeled"]),
+                   "n_val": len(run.splits["val"]), "device": run.device, "cached_augmentations": t.cached_augmentations,
+                   "frozen_val_dice": max(r["val_dice"] for r in frozen_hist),
+                   "lora_val_dice": max(r["val_dice"] for r in self.stage.history),
+                   "parameters": parameter_table(self.peft_model, self.model.head),
+                   "timings": {"frozen_seconds": round(t1 - t0, 2), "lora_seconds": round(time.perf_counter() - t1, 2)},
+                   "lora": {k: v for k, v in self.config.to_dict().items()
+                            if k in ("r", "lora_alpha", "lora_dropout", "target_modules")}}
+        results["selected"] = "lora" if results["lora_val_dice"] >= results["frozen_val_dice"] else "frozen"
+        if results["selected"] == "frozen":
+            print(f"note: the LoRA teacher ({results['lora_val_dice']:.3f}) is below the frozen-encoder baseline "
+                  f"({results['frozen_val_dice']:.3f}) on validation: the frozen one is the teacher that is distilled")
+        write_json(out / "metrics.json", results)
+        return results
 
-    modules = {"lora": lora_state(peft_model), "head": model.head}
-    return stage.train(modules, opt, t.epochs, epoch_fn, val_fn, seed=run.seed_for("teacher", "lora"),
-                       scheduler=sched, scaler=scaler, monitor="val_dice")
 
-
-def train_lora(run: Run, encoder: TeacherEncoder, frozen_head, data: Callable[[], TeacherData], config=None,
-               loss_fn: Optional[Callable] = None, force: bool = False):
-    """The LoRA teacher, starting from the frozen baseline's head: (peft model, model, history, trained now?)."""
+def lora_loop(run: Run, peft_model, model: TeacherSegmenter, data, stage: Stage, **fields) -> LoraTraining:
+    """A :class:`LoraTraining` for ``model`` (``data``: the :class:`TeacherData`, or a function that prepares it
+    when first needed): AdamW on the adapters and the head, warm-up + cosine, the GradScaler (CUDA fp16)."""
     t = run.profile.teacher
+    opt = _lora_optimizer(model, t)
+    steps = -(-len(run.splits["labeled"]) // t.batch_size)
+    sched = warmup_cosine(opt, t.warmup_epochs * steps, t.epochs * steps)
+    prepared = data if callable(data) else (lambda: data)
+    return LoraTraining(run, peft_model, model, stage, prepared, opt, sched, grad_scaler(run.device, t.amp), **fields)
+
+
+def lora_training(run: Run, force: bool = False, config=None, loss_fn: Optional[Callable] = None,
+                  data: Optional[TeacherData] = None) -> LoraTraining:
+    """Train (or reuse) the frozen-encoder baseline, then set the LoRA teacher up from its head.
+
+    ``config``: a ``peft.LoraConfig`` (default: the profile's); ``loss_fn(model, batch) -> loss``: the objective the
+    loop will use (default :func:`lora_loss`): with ``config`` it is part of the stage's inputs, and a caller that
+    names neither (a later notebook making sure a teacher exists) takes any finished teacher; ``data``: the
+    :class:`TeacherData` when the caller already holds it (notebook 02), so that it is not prepared twice.
+    """
+    t, out = run.profile.teacher, run.teacher_dir
+    out.mkdir(parents=True, exist_ok=True)
+    encoder = freeze(build_encoder(run)).to(run.device)
+    cache: dict = {} if data is None else {"d": data}
+
+    def prepared() -> TeacherData:  # prepared once, only if a stage has to train
+        if "d" not in cache:
+            cache["d"] = teacher_data(run, encoder)
+        return cache["d"]
+
+    t0 = time.perf_counter()
+    frozen = train_frozen(run, encoder, prepared, force)
+    if frozen[2] or not (out / "frozen_head.safetensors").is_file():  # written once per training, not on reuse
+        save_weights(out / "frozen_head.safetensors", {"head": frozen[0]})
+    t1 = time.perf_counter()
     ignore = tuple(k for k, given in (("loss", loss_fn), ("lora config", config)) if given is None)
     config = config or lora_config(run, encoder)
-    loss_fn = loss_fn or lora_loss
     peft_model = add_lora(run, encoder, config)
     lora_encoder = peft_model.get_base_model()
     model = TeacherSegmenter(lora_encoder, run.info.n_classes, t.head_channels, t.head).to(run.device)
-    model.head.load_state_dict(frozen_head.state_dict())
+    model.head.load_state_dict(frozen[0].state_dict())
     inputs = {"split": run.split_digest("labeled", "val"), **run.settings("teacher"),
               "prefix_dtype": run_prefix_dtype(run), "seed": run.seed,
-              "frozen head": file_digest(run.teacher_dir / "frozen_head.safetensors"),
-              "lora config": value_digest(config.to_dict()), "loss": source_digest(loss_fn)}
-    # a caller that names no loss / LoRA config (e.g. a later notebook making sure a teacher exists) takes any
-    # finished teacher; the notebook that defines them retrains when they change
-    stage = Stage(run.teacher_dir / "lora", inputs, desc="teacher: LoRA encoder + head", force=force, ignore=ignore)
-    if stage.finished:
-        return peft_model, model, stage.load_final({"lora": lora_state(peft_model), "head": model.head}), False
-    if t.grad_checkpointing and run.device.startswith("cuda"):
+              "frozen head": file_digest(out / "frozen_head.safetensors"),
+              "lora config": value_digest(config.to_dict()), "loss": source_digest(loss_fn or lora_loss)}
+    stage = Stage(out / "lora", inputs, desc="teacher: LoRA encoder + head", force=force, ignore=ignore)
+    if not stage.finished and t.grad_checkpointing and run.device.startswith("cuda"):
         _enable_grad_checkpointing(lora_encoder)
-    return peft_model, model, fit_lora(run, peft_model, model, data(), loss_fn, stage), True
+    return lora_loop(run, peft_model, model, prepared, stage, config=config, frozen=frozen, started=(t0, t1),
+                     trained=not stage.finished)
+
+
+def fit_lora(lt: LoraTraining, loss_fn: Optional[Callable] = None) -> list[dict]:
+    """The LoRA loop (the one notebook 02 writes out): adapters + head with ``loss_fn(model, batch)``."""
+    loss_fn = loss_fn or lora_loss
+    for epoch in lt.stage.epochs(**lt.loop):
+        lt.train()
+        total = 0.0
+        for batch in lt.batches(epoch.index):
+            with lt.autocast():
+                loss = loss_fn(lt.model, batch)
+            optimizer_step(loss, lt.optimizer, lt.scaler, lt.scheduler)
+            total += loss.item() * len(batch["mask"])
+        epoch.log(loss=total / lt.n_images, **lt.validate())
+    return lt.stage.history
 
 
 # ------------------------------------------------------------------------------ the whole stage
@@ -332,41 +417,7 @@ def train_lora(run: Run, encoder: TeacherEncoder, frozen_head, data: Callable[[]
 def train_teacher(run: Run, force: bool = False, config=None, loss_fn: Optional[Callable] = None,
                   data: Optional[TeacherData] = None) -> dict:
     """Train (or reuse) the frozen-encoder baseline, then the LoRA teacher from it; pick the better.
-
-    ``config``: a ``peft.LoraConfig`` (default: the profile's); ``loss_fn(model, batch) -> loss``: the
-    objective of one LoRA training step (default :func:`lora_loss`); ``data``: the :class:`TeacherData` when
-    the caller already holds it (notebook 02), so that it is not prepared twice. Returns ``metrics.json``'s content.
-    """
-    t, out = run.profile.teacher, run.teacher_dir
-    out.mkdir(parents=True, exist_ok=True)
-    encoder = freeze(build_encoder(run)).to(run.device)
-    cache: dict = {} if data is None else {"d": data}
-    t0 = time.perf_counter()
-
-    def prepared() -> TeacherData:  # prepared once, only if a stage has to train
-        if "d" not in cache:
-            cache["d"] = teacher_data(run, encoder)
-        return cache["d"]
-
-    head, frozen_hist, trained = train_frozen(run, encoder, prepared, force)
-    if trained or not (out / "frozen_head.safetensors").is_file():  # written once per training, not on reuse
-        save_weights(out / "frozen_head.safetensors", {"head": head})
-    t1 = time.perf_counter()
-    peft_model, model, lora_hist, trained = train_lora(run, encoder, head, prepared, config, loss_fn, force)
-    if trained or not (out / "adapter" / "adapter_model.safetensors").is_file() or not (out / "head.safetensors").is_file():
-        peft_model.save_pretrained(str(out / "adapter"))
-        save_weights(out / "head.safetensors", {"head": model.head})
-    results = {"teacher": t.name, "input_size": t.input_size, "n_labeled": len(run.splits["labeled"]),
-               "n_val": len(run.splits["val"]), "device": run.device, "cached_augmentations": t.cached_augmentations,
-               "frozen_val_dice": max(r["val_dice"] for r in frozen_hist),
-               "lora_val_dice": max(r["val_dice"] for r in lora_hist),
-               "parameters": parameter_table(peft_model, model.head),
-               "timings": {"frozen_seconds": round(t1 - t0, 2), "lora_seconds": round(time.perf_counter() - t1, 2)},
-               "lora": {**{k: v for k, v in (config or lora_config(run, encoder)).to_dict().items()
-                           if k in ("r", "lora_alpha", "lora_dropout", "target_modules")}}}
-    results["selected"] = "lora" if results["lora_val_dice"] >= results["frozen_val_dice"] else "frozen"
-    if results["selected"] == "frozen":
-        print(f"note: the LoRA teacher ({results['lora_val_dice']:.3f}) is below the frozen-encoder baseline "
-              f"({results['frozen_val_dice']:.3f}) on validation: the frozen one is the teacher that is distilled")
-    write_json(out / "metrics.json", results)
-    return results
+    The arguments are :func:`lora_training`'s. Returns ``metrics.json``'s content."""
+    lt = lora_training(run, force, config, loss_fn, data)
+    fit_lora(lt, loss_fn)
+    return lt.finish()

@@ -1,6 +1,7 @@
 """One resumable epoch loop shared by every training stage (teacher, DDPM, pretraining, fine-tuning).
 
-A :class:`Stage` owns a folder and records the **inputs** it was trained from (fingerprints of
+The loop's body is the caller's (``for epoch in stage.epochs(...): ...; epoch.log(loss=...)``, as notebooks 02-04
+write it); everything around it is here. A :class:`Stage` owns a folder and records the **inputs** it was trained from (fingerprints of
 upstream weights, caches, the split, the settings it reads, the loss function's source). After
 every epoch it writes a checkpoint (weights as safetensors; optimizer, scheduler, epoch and
 history in ``state.pt``), the training log (``log.csv``) and, when a monitored validation metric
@@ -421,17 +422,7 @@ class Stage:
             epoch = Epoch(index)
             yield epoch
             row = {"epoch": index + 1, **epoch.metrics}
-            # fp16 on CUDA: a batch that overflows gives an inf loss the GradScaler skips; only the weights count there
-            fp16 = scaler is not None and getattr(scaler, "is_enabled", lambda: False)()
-            bad = non_finite({} if fp16 else row, modules)
-            if bad is not None:
-                bar.close()
-                lr = f" (lr {optimizer.param_groups[0]['lr']:.3g} at this epoch)" if optimizer is not None else ""
-                kept = (f"the last good checkpoint (after epoch {index}) stays in {self.ckpt}" if self.ckpt.is_dir()
-                        else "no checkpoint was written")
-                raise DivergedError(
-                    f"[{self.desc}] diverged in epoch {index + 1}/{epochs}: {bad}. Likely cause: a learning rate too "
-                    f"high for this model{lr}; lower it and run again. {kept}; no final weights were written.")
+            self._check_finite(row, modules, optimizer, scaler, index, epochs, bar)
             if optimizer is not None:
                 row["lr"] = optimizer.param_groups[0]["lr"]
             row["seconds"] = round(time.perf_counter() - t0, 3)
@@ -452,6 +443,20 @@ class Stage:
         shutil.rmtree(self.ckpt, ignore_errors=True)  # the final weights and done.json are the record
         if monitor is not None and self.best_path.is_file():
             load_weights(self.best_path, modules)
+
+    def _check_finite(self, row: dict, modules: dict, optimizer, scaler, index: int, epochs: int, bar) -> None:
+        # fp16 on CUDA: a batch that overflows gives an inf loss the GradScaler skips; only the weights count there
+        fp16 = scaler is not None and getattr(scaler, "is_enabled", lambda: False)()
+        bad = non_finite({} if fp16 else row, modules)
+        if bad is None:
+            return
+        bar.close()
+        lr = f" (lr {optimizer.param_groups[0]['lr']:.3g} at this epoch)" if optimizer is not None else ""
+        kept = (f"the last good checkpoint (after epoch {index}) stays in {self.ckpt}" if self.ckpt.is_dir()
+                else "no checkpoint was written")
+        raise DivergedError(f"[{self.desc}] diverged in epoch {index + 1}/{epochs}: {bad}. Likely cause: a learning "
+                            f"rate too high for this model{lr}; lower it and run again. {kept}; no final weights were "
+                            "written.")
 
     def train(self, modules: dict, optimizer, epochs: int, train_epoch: Callable[[int], dict],
               validate: Optional[Callable[[], dict]] = None, **loop) -> list[dict]:

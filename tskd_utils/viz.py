@@ -35,12 +35,19 @@ def overlay(image: np.ndarray, mask: Optional[np.ndarray] = None, alpha: float =
     return np.clip(rgb, 0, 1)
 
 
-def source(fn):
-    """A function's source as highlighted code (a notebook shows it; ``str()`` gives the text): the one copy the
-    package runs, shown where the notebook uses it."""
-    from IPython.display import Code
+class Source(str):
+    """Source text that a notebook shows as highlighted Python (and a console as plain text)."""
 
-    return Code(inspect.getsource(fn), language="python")
+    def _repr_markdown_(self) -> str:
+        return f"```python\n{self}\n```"
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
+def source(fn) -> Source:
+    """A function's source, shown as code: the one copy the package runs, displayed where the notebook uses it."""
+    return Source(inspect.getsource(fn).rstrip("\n"))
 
 
 def _save(fig, save: Optional[Path]):
