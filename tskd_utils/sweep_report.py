@@ -229,7 +229,6 @@ def aggregate(out: Path, profile: str = "", command: str = "", failures: Sequenc
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import pandas as pd
 
     from .evaluate import RESULT_COLUMNS
@@ -252,16 +251,37 @@ def aggregate(out: Path, profile: str = "", command: str = "", failures: Sequenc
     _write_csv(out / "results.csv", df[RESULT_COLUMNS + axes])
     paired = paired_table(runs, axes)
     _write_csv(out / "paired.csv", paired)
-
+    lines = _header(df, axes, runs, folders, notes, profile, command, wall_seconds)
     groups = sorted(df.groupby(GROUP).groups, key=lambda g: tuple(map(str, g)))
-    datasets = sorted(df["dataset"].astype(str).unique())
+    for dataset, prof in groups:
+        g = df[(df["dataset"] == dataset) & (df["profile"] == prof)].copy()
+        pg = paired[(paired["dataset"] == dataset) & (paired["profile"] == prof)] if len(paired) else paired
+        lines += _section(out, g, pg, axes, "" if len(groups) == 1 else f"_{dataset}_{prof}")
+    lines += ["## Runs", ""] + _md_table(["run", "state", "time"], [_run_row(d) for d in folders])
+    if failures:
+        lines += ["", "## Failed runs", ""] + [f"- {label}: {nb}: {err}" for label, nb, err in failures]
+    _write_text(out / "report.md", "\n".join(lines) + "\n")
+    return len(df)
+
+
+def _run_row(d: Path) -> list:
+    try:
+        s = read_json(d / "status.json")
+    except (FileNotFoundError, DataError):
+        s = {}
+    return [d.name, s.get("state", "not started"), _fmt(s["seconds"]) if s.get("seconds") else ""]
+
+
+def _header(df, axes: list, runs: list, folders: list, notes: list, profile: str, command: str,
+            wall_seconds: Optional[float]) -> list[str]:
+    """The report's title, command, profile, time, grid and how to read it."""
     run_seconds = 0.0
     for d in folders:
         try:
             run_seconds += float(read_json(d / "status.json").get("seconds", 0) or 0)
         except (FileNotFoundError, DataError, ValueError, TypeError):
             pass
-    lines = [f"# Reproduction report: {', '.join(datasets)}", ""]
+    lines = [f"# Reproduction report: {', '.join(sorted(df['dataset'].astype(str).unique()))}", ""]
     if command:
         lines += [f"Command: `{command}`", ""]
     lines += [f"Profile: {profile or ', '.join(sorted(df['profile'].astype(str).unique()))}; runs: {len(runs)} "
@@ -274,163 +294,176 @@ def aggregate(out: Path, profile: str = "", command: str = "", failures: Sequenc
               "runs: runs of different datasets, profiles or settings are never averaged together.", "",
               "Dice / IoU: mean over test cases of the foreground-class mean; ± is the standard deviation over seeds. "
               "HD95 unit: see each run's metrics/summary.json.", ""]
-    lines += [f"- {n}" for n in notes] + ([""] if notes else [])
+    return lines + [f"- {n}" for n in notes] + ([""] if notes else [])
 
-    for gkey in groups:
-        dataset, prof = gkey
-        g = df[(df["dataset"] == dataset) & (df["profile"] == prof)].copy()
-        suffix = "" if len(groups) == 1 else f"_{dataset}_{prof}"
-        order = _method_order(g["method"])
-        lines += [f"## {dataset} · profile {prof}", ""]
-        keys = axes + ["method", "n_labeled"]
-        st = g.groupby(keys, sort=False).agg(
-            dice=("dice", "mean"), dice_sd=("dice", "std"), iou=("iou", "mean"), iou_sd=("iou", "std"),
-            hd95=("hd95", "mean"), hd95_sd=("hd95", "std"), seeds=("seed", "nunique")).reset_index()
-        ns = sorted(g["n_labeled"].unique())
-        combos = sorted({tuple(r[a] for a in axes) for _, r in g.iterrows()}, key=lambda c: tuple(map(_sort_key, c)))
 
-        # Dice against n_labeled, one panel per grid setting
-        shown = combos[:MAX_PANELS]
-        fig, panels = _panels(len(shown))
-        for ax, combo in zip(panels, shown):
-            sub = st[(st[axes] == pd.Series(combo, index=axes)).all(axis=1)] if axes else st
-            for m in order:
-                s = sub[sub["method"] == m].sort_values("n_labeled")
-                if len(s):
-                    ax.errorbar(s["n_labeled"], s["dice"], yerr=s["dice_sd"].fillna(0), marker="o", capsize=3,
-                                label=m, **_style(m))
-            ax.set_xlabel("labeled training images (n_labeled)")
-            ax.set_ylabel("test Dice (mean over seeds)")
-            ax.set_xscale("log")
-            ax.set_xticks(ns)
-            ax.get_xaxis().set_major_formatter(plt.ScalarFormatter())
-            ax.grid(alpha=0.3)
-            ax.set_title(", ".join(f"{a}={_label(v)}" for a, v in zip(axes, combo)) or f"{dataset}: Dice vs labeled "
-                         f"images", fontsize=9)
-        panels[0].legend(fontsize=8)
-        fig.tight_layout()
-        name = f"dice_vs_n_labeled{suffix}.png"
-        _save_fig(fig, out / name)
-        plt.close(fig)
-        lines += [f"![Dice vs n_labeled]({name})", ""]
-        if len(combos) > len(shown):
-            lines += [f"(the plot shows the first {len(shown)} of {len(combos)} settings; the tables show all)", ""]
+def _matching(table, axes: list, combo: tuple):
+    """The rows of ``table`` at grid setting ``combo`` (every row when there is no grid)."""
+    import pandas as pd
 
-        def cell(m, s):
-            if pd.isna(m):
-                return ""
-            return f"{m:.3f} ± {s:.3f}" if pd.notna(s) else f"{m:.3f}"
+    return table[(table[axes] == pd.Series(combo, index=axes)).all(axis=1)] if axes else table
 
-        for metric in ("dice", "iou", "hd95"):
-            lines += [f"### {dict(dice='Dice', iou='IoU', hd95='HD95')[metric]}", ""]
-            rows = []
-            for combo in combos:
-                for m in order:
-                    sel = st[(st["method"] == m) & ((st[axes] == pd.Series(combo, index=axes)).all(axis=1)
-                                                    if axes else True)]
-                    if not len(sel):
-                        continue
-                    by_n = {int(r["n_labeled"]): cell(r[metric], r[f"{metric}_sd"]) for _, r in sel.iterrows()}
-                    rows.append([*map(_label, combo), m] + [by_n.get(int(n), "") for n in ns])
-            lines += _md_table([*axes, "method"] + [f"n={n}" for n in ns], rows) + [""]
 
-        # one section per grid axis: Dice against the setting, the other axes and n_labeled held fixed
-        for axis in axes:
-            others = [a for a in axes if a != axis]
-            values = sorted(g[axis].unique(), key=_sort_key)
-            per_seed: dict = {}  # (value, other settings, n_labeled, method) -> Dice of each seed
-            for _, r in g.iterrows():
-                per_seed.setdefault((r[axis], tuple(r[a] for a in others), int(r["n_labeled"]), r["method"]),
-                                    []).append(float(r["dice"]))
-            cond = sorted({(int(r["n_labeled"]),) + tuple(r[a] for a in others) for _, r in g.iterrows()},
-                          key=lambda c: tuple(map(_sort_key, c)))
-            lines += [f"### Dice against {axis}", "",
-                      "Mean over seeds and, in brackets, its 95% t-interval over seeds (none with one seed)."
-                      + (f" Held fixed per row: n_labeled, {', '.join(others)}." if others else ""), ""]
-            shown = cond[:MAX_PANELS]
-            fig, panels = _panels(len(shown))
-            rows = []
-            for ci, c in enumerate(cond):
-                ax = panels[ci] if ci < len(shown) else None
-                for m in order:
-                    pts = [_interval(per_seed.get((v, tuple(c[1:]), c[0], m), [])) for v in values]
-                    if all(math.isnan(p[0]) for p in pts):
-                        continue
-                    rows.append([c[0], *map(_label, c[1:]), m] + [
-                        "" if math.isnan(mu) else (f"{mu:.3f}" if math.isnan(lo) else f"{mu:.3f} [{lo:.3f}, {hi:.3f}]")
-                        for mu, lo, hi in pts])
-                    if ax is not None:
-                        x = [i for i, p in enumerate(pts) if not math.isnan(p[0])]
-                        y = [pts[i][0] for i in x]
-                        err = [[0 if math.isnan(pts[i][1]) else pts[i][0] - pts[i][1] for i in x],
-                               [0 if math.isnan(pts[i][2]) else pts[i][2] - pts[i][0] for i in x]]
-                        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=m, **_style(m))
-                if ax is not None:
-                    ax.set_xticks(range(len(values)))
-                    ax.set_xticklabels([_label(v) for v in values])
-                    ax.set_xlabel(axis)
-                    ax.set_ylabel("test Dice (mean over seeds)")
-                    ax.grid(alpha=0.3)
-                    ax.set_title(", ".join([f"n_labeled={c[0]}"] + [f"{a}={_label(v)}" for a, v in zip(others, c[1:])]),
-                                 fontsize=9)
-            panels[0].legend(fontsize=8)
-            fig.tight_layout()
-            name = f"dice_vs_{axis}{suffix}.png"
-            _save_fig(fig, out / name)
-            plt.close(fig)
-            lines += [f"![Dice vs {axis}]({name})", ""]
-            lines += _md_table(["n_labeled", *others, "method"] + [_label(v) for v in values], rows) + [""]
-
-        # paired comparisons (issue 10, section 3)
-        pg = paired[(paired["dataset"] == dataset) & (paired["profile"] == prof)] if len(paired) else paired
-        lines += [f"### Paired comparisons: {REFERENCE} against every other method", ""]
-        if not len(pg):
-            lines += [f"None: {REFERENCE} is not among this section's methods, or its runs have no "
-                      f"metrics/per_case.csv.", ""]
-        else:
-            lines += ["Dice difference (ts_kd minus the other method) in points: mean over paired test cases and "
-                      "seeds, with its 95% bootstrap interval (cases and seeds resampled); two-sided Wilcoxon "
-                      "signed-rank p on the per-case differences. **within noise**: the interval includes 0. Also in "
-                      "paired.csv.", ""]
-            rows = []
-            for _, r in pg.iterrows():
-                p = r["p_wilcoxon"]
-                rows.append([int(r["n_labeled"]), *[_label(r[a]) for a in axes], r["comparison"],
-                             format_interval(r["mean_diff"], r["ci_low"], r["ci_high"]),
-                             "<0.001" if p < 0.001 else f"{p:.3f}", r["verdict"],
-                             f"{int(r['n_cases'])} × {int(r['n_seeds'])}"])
-            lines += _md_table(["n_labeled", *axes, "comparison", "Dice difference [95% CI]", "p (Wilcoxon)",
-                                "verdict", "cases × seeds"], rows) + [""]
-
-        # efficiency
-        eff = g.groupby(axes + ["method"], sort=False).agg(params_m=("params_m", "first"),
-                                                          latency_ms=("latency_ms", "median")).reset_index()
-        lines += ["### Efficiency (CPU, batch 1, median)", ""]
+def _section(out: Path, g, pg, axes: list, suffix: str) -> list[str]:
+    """One (dataset, profile) section: Dice against n_labeled, the metric tables, one part per grid axis, the paired
+    comparisons and the efficiency table."""
+    dataset, prof = g["dataset"].iloc[0], g["profile"].iloc[0]
+    order = _method_order(g["method"])
+    st = g.groupby(axes + ["method", "n_labeled"], sort=False).agg(
+        dice=("dice", "mean"), dice_sd=("dice", "std"), iou=("iou", "mean"), iou_sd=("iou", "std"),
+        hd95=("hd95", "mean"), hd95_sd=("hd95", "std"), seeds=("seed", "nunique")).reset_index()
+    ns = sorted(g["n_labeled"].unique())
+    combos = sorted({tuple(r[a] for a in axes) for _, r in g.iterrows()}, key=lambda c: tuple(map(_sort_key, c)))
+    lines = [f"## {dataset} · profile {prof}", ""]
+    lines += _plot_against_n(out, st, axes, combos, order, ns, dataset, suffix)
+    for metric in ("dice", "iou", "hd95"):
+        lines += [f"### {dict(dice='Dice', iou='IoU', hd95='HD95')[metric]}", ""]
         rows = []
         for combo in combos:
-            sel = eff[(eff[axes] == pd.Series(combo, index=axes)).all(axis=1)] if axes else eff
-            t_lat = sel.loc[sel["method"] == "teacher", "latency_ms"]
             for m in order:
-                r = sel[sel["method"] == m]
-                if not len(r):
-                    continue
-                r = r.iloc[0]
-                speed = f"{float(t_lat.iloc[0]) / r['latency_ms']:.1f}x" if len(t_lat) and r["latency_ms"] else ""
-                rows.append([*map(_label, combo), m, f"{r['params_m']:.2f}", f"{r['latency_ms']:.1f}", speed])
-        lines += _md_table([*axes, "model", "parameters (M)", "latency (ms)", "speed-up vs teacher"], rows) + [""]
+                sel = _matching(st[st["method"] == m], axes, combo)
+                if len(sel):
+                    by_n = {int(r["n_labeled"]): _cell(r[metric], r[f"{metric}_sd"]) for _, r in sel.iterrows()}
+                    rows.append([*map(_label, combo), m] + [by_n.get(int(n), "") for n in ns])
+        lines += _md_table([*axes, "method"] + [f"n={n}" for n in ns], rows) + [""]
+    for axis in axes:
+        lines += _axis_part(out, g, axes, axis, order, suffix)
+    return lines + _paired_lines(pg, axes) + _efficiency_lines(g, axes, combos, order)
 
-    runs_rows = []
-    for d in folders:
-        try:
-            s = read_json(d / "status.json")
-        except (FileNotFoundError, DataError):
-            s = {}
-        runs_rows.append([d.name, s.get("state", "not started"), _fmt(s["seconds"]) if s.get("seconds") else ""])
-    lines += ["## Runs", ""] + _md_table(["run", "state", "time"], runs_rows)
-    if failures:
-        lines += ["", "## Failed runs", ""] + [f"- {label}: {nb}: {err}" for label, nb, err in failures]
-    _write_text(out / "report.md", "\n".join(lines) + "\n")
-    return len(df)
+
+def _cell(m, s) -> str:
+    import pandas as pd
+
+    if pd.isna(m):
+        return ""
+    return f"{m:.3f} ± {s:.3f}" if pd.notna(s) else f"{m:.3f}"
+
+
+def _plot_against_n(out: Path, st, axes: list, combos: list, order: list, ns: list, dataset: str,
+                    suffix: str) -> list[str]:
+    """Dice against n_labeled, one panel per grid setting (at most MAX_PANELS)."""
+    import matplotlib.pyplot as plt
+
+    shown = combos[:MAX_PANELS]
+    fig, panels = _panels(len(shown))
+    for ax, combo in zip(panels, shown):
+        sub = _matching(st, axes, combo)
+        for m in order:
+            s = sub[sub["method"] == m].sort_values("n_labeled")
+            if len(s):
+                ax.errorbar(s["n_labeled"], s["dice"], yerr=s["dice_sd"].fillna(0), marker="o", capsize=3,
+                            label=m, **_style(m))
+        ax.set_xlabel("labeled training images (n_labeled)")
+        ax.set_ylabel("test Dice (mean over seeds)")
+        ax.set_xscale("log")
+        ax.set_xticks(ns)
+        ax.get_xaxis().set_major_formatter(plt.ScalarFormatter())
+        ax.grid(alpha=0.3)
+        ax.set_title(", ".join(f"{a}={_label(v)}" for a, v in zip(axes, combo)) or f"{dataset}: Dice vs labeled "
+                     f"images", fontsize=9)
+    panels[0].legend(fontsize=8)
+    fig.tight_layout()
+    name = f"dice_vs_n_labeled{suffix}.png"
+    _save_fig(fig, out / name)
+    plt.close(fig)
+    lines = [f"![Dice vs n_labeled]({name})", ""]
+    if len(combos) > len(shown):
+        lines += [f"(the plot shows the first {len(shown)} of {len(combos)} settings; the tables show all)", ""]
+    return lines
+
+
+def _axis_part(out: Path, g, axes: list, axis: str, order: list, suffix: str) -> list[str]:
+    """Dice against one grid axis, the other axes and n_labeled held fixed: a table and a plot."""
+    import matplotlib.pyplot as plt
+
+    others = [a for a in axes if a != axis]
+    values = sorted(g[axis].unique(), key=_sort_key)
+    per_seed: dict = {}  # (value, other settings, n_labeled, method) -> Dice of each seed
+    for _, r in g.iterrows():
+        per_seed.setdefault((r[axis], tuple(r[a] for a in others), int(r["n_labeled"]), r["method"]),
+                            []).append(float(r["dice"]))
+    cond = sorted({(int(r["n_labeled"]),) + tuple(r[a] for a in others) for _, r in g.iterrows()},
+                  key=lambda c: tuple(map(_sort_key, c)))
+    lines = [f"### Dice against {axis}", "",
+             "Mean over seeds and, in brackets, its 95% t-interval over seeds (none with one seed)."
+             + (f" Held fixed per row: n_labeled, {', '.join(others)}." if others else ""), ""]
+    shown = cond[:MAX_PANELS]
+    fig, panels = _panels(len(shown))
+    rows = []
+    for ci, c in enumerate(cond):
+        ax = panels[ci] if ci < len(shown) else None
+        for m in order:
+            pts = [_interval(per_seed.get((v, tuple(c[1:]), c[0], m), [])) for v in values]
+            if all(math.isnan(p[0]) for p in pts):
+                continue
+            rows.append([c[0], *map(_label, c[1:]), m] + [
+                "" if math.isnan(mu) else (f"{mu:.3f}" if math.isnan(lo) else f"{mu:.3f} [{lo:.3f}, {hi:.3f}]")
+                for mu, lo, hi in pts])
+            if ax is not None:
+                _errorbars(ax, pts, m)
+        if ax is not None:
+            ax.set_xticks(range(len(values)))
+            ax.set_xticklabels([_label(v) for v in values])
+            ax.set_xlabel(axis)
+            ax.set_ylabel("test Dice (mean over seeds)")
+            ax.grid(alpha=0.3)
+            ax.set_title(", ".join([f"n_labeled={c[0]}"] + [f"{a}={_label(v)}" for a, v in zip(others, c[1:])]),
+                         fontsize=9)
+    panels[0].legend(fontsize=8)
+    fig.tight_layout()
+    name = f"dice_vs_{axis}{suffix}.png"
+    _save_fig(fig, out / name)
+    plt.close(fig)
+    return lines + [f"![Dice vs {axis}]({name})", ""] + _md_table(["n_labeled", *others, "method"] +
+                                                                  [_label(v) for v in values], rows) + [""]
+
+
+def _errorbars(ax, pts: list, method: str) -> None:
+    """One method's means with their intervals (points without a value left out)."""
+    x = [i for i, p in enumerate(pts) if not math.isnan(p[0])]
+    y = [pts[i][0] for i in x]
+    err = [[0 if math.isnan(pts[i][1]) else pts[i][0] - pts[i][1] for i in x],
+           [0 if math.isnan(pts[i][2]) else pts[i][2] - pts[i][0] for i in x]]
+    ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=method, **_style(method))
+
+
+def _paired_lines(pg, axes: list) -> list[str]:
+    """The paired comparisons of REFERENCE against every other method of the section."""
+    lines = [f"### Paired comparisons: {REFERENCE} against every other method", ""]
+    if not len(pg):
+        return lines + [f"None: {REFERENCE} is not among this section's methods, or its runs have no "
+                        f"metrics/per_case.csv.", ""]
+    lines += ["Dice difference (ts_kd minus the other method) in points: mean over paired test cases and "
+              "seeds, with its 95% bootstrap interval (cases and seeds resampled); two-sided Wilcoxon "
+              "signed-rank p on the per-case differences. **within noise**: the interval includes 0. Also in "
+              "paired.csv.", ""]
+    rows = []
+    for _, r in pg.iterrows():
+        p = r["p_wilcoxon"]
+        rows.append([int(r["n_labeled"]), *[_label(r[a]) for a in axes], r["comparison"],
+                     format_interval(r["mean_diff"], r["ci_low"], r["ci_high"]),
+                     "<0.001" if p < 0.001 else f"{p:.3f}", r["verdict"], f"{int(r['n_cases'])} × {int(r['n_seeds'])}"])
+    return lines + _md_table(["n_labeled", *axes, "comparison", "Dice difference [95% CI]", "p (Wilcoxon)",
+                              "verdict", "cases × seeds"], rows) + [""]
+
+
+def _efficiency_lines(g, axes: list, combos: list, order: list) -> list[str]:
+    """Parameters, CPU latency at batch 1 and the speed-up against the teacher, per model."""
+    eff = g.groupby(axes + ["method"], sort=False).agg(params_m=("params_m", "first"),
+                                                      latency_ms=("latency_ms", "median")).reset_index()
+    rows = []
+    for combo in combos:
+        sel = _matching(eff, axes, combo)
+        t_lat = sel.loc[sel["method"] == "teacher", "latency_ms"]
+        for m in order:
+            r = sel[sel["method"] == m]
+            if not len(r):
+                continue
+            r = r.iloc[0]
+            speed = f"{float(t_lat.iloc[0]) / r['latency_ms']:.1f}x" if len(t_lat) and r["latency_ms"] else ""
+            rows.append([*map(_label, combo), m, f"{r['params_m']:.2f}", f"{r['latency_ms']:.1f}", speed])
+    return ["### Efficiency (CPU, batch 1, median)", ""] + _md_table(
+        [*axes, "model", "parameters (M)", "latency (ms)", "speed-up vs teacher"], rows) + [""]
 
 
 def aggregate_locked(out: Path, timeout: float = 600.0, **kwargs) -> int:
