@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from . import REPO_ROOT, executors
-from .config import PROFILES, get_profile
+from .config import MACHINES, PROFILES, get_profile
 from .datasets import ensure_dataset
 from .io import DataError, check_writable_dir, load_dataset
 # the run's machinery; named here too, as before runner.py existed (reproduce.run_one, reproduce.NOTEBOOKS, ...)
@@ -154,12 +154,7 @@ def _check_sizes(prof, dataset: str, data_root: Path, n_labeled: Sequence[int]) 
                              + f"; choose fewer labeled cases")
 
 
-def validate(profile: str, dataset: str, data_root: Path, n_labeled: Sequence[int], seeds: Sequence[int], out: Path,
-             overrides: dict, grid: dict, notebooks_dir: Path) -> list[dict]:
-    """Check every argument before any work; returns the grid's settings (one dict per combination)."""
-    from .models import check_student_name, check_teacher_name
-
-    prof = get_profile(profile, overrides)  # an unknown profile, --set key or bad value fails here (Key/ValueError)
+def _check_values(n_labeled: Sequence[int], seeds: Sequence[int]) -> None:
     for what, values, minimum, most in (("--n-labeled", n_labeled, 1, 10 ** 9), ("--seeds", seeds, 0, MAX_SEED)):
         values = list(values)
         if not values:
@@ -169,6 +164,16 @@ def validate(profile: str, dataset: str, data_root: Path, n_labeled: Sequence[in
                 raise SweepError(f"{what}: {v!r} is not an integer from {minimum} to {most}")
         if len(set(values)) != len(values):
             raise SweepError(f"{what}: {values} repeats a value")
+
+
+def _check_models(prof) -> None:
+    from .models import check_student_name, check_teacher_name
+
+    check_teacher_name(prof.teacher.name)
+    check_student_name(prof.student.name)
+
+
+def _check_grid(profile: str, overrides: dict, grid: dict) -> None:
     for key, values in grid.items():
         if key in overrides:
             raise SweepError(f"{key} is both a --set override and a --grid axis: keep one")
@@ -182,18 +187,14 @@ def validate(profile: str, dataset: str, data_root: Path, n_labeled: Sequence[in
             raise SweepError(f"--grid {key}: {values} repeats a value")
         for v in values:
             try:
-                one = get_profile(profile, {**overrides, key: v})
-                check_teacher_name(one.teacher.name)
-                check_student_name(one.student.name)
+                _check_models(get_profile(profile, {**overrides, key: v}))
             except KeyError as e:
                 raise SweepError(f"--grid {key}: {e.args[0]}") from None
             except ValueError as e:
                 raise SweepError(f"--grid {key}={v!r}: {e}") from None
-    try:
-        check_teacher_name(prof.teacher.name)
-        check_student_name(prof.student.name)
-    except KeyError as e:
-        raise SweepError(e.args[0]) from None
+
+
+def _check_dataset(dataset: str, data_root: Path) -> None:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", dataset):
         raise SweepError(f"--dataset {dataset!r}: a dataset is a folder name in data_root (letters, digits, . _ -)")
     ds = Path(data_root) / dataset
@@ -204,11 +205,10 @@ def validate(profile: str, dataset: str, data_root: Path, n_labeled: Sequence[in
         raise SweepError(f"--dataset {dataset}: {ds / 'dataset.json'} not found. Prepare the dataset first, e.g. "
                          f"`python data_scripts/prepare_<name>.py --raw RAW --out {data_root}` (README's dataset "
                          f"table), pass the right --data-root, or use --dataset phantom (generated)")
-    _check_sizes(prof, dataset, data_root, n_labeled)
-    _check_out(Path(out))
-    missing = [nb for nb in NOTEBOOKS if not (Path(notebooks_dir) / f"{nb}.ipynb").is_file()]
-    if missing:
-        raise SweepError(f"notebooks folder {notebooks_dir} lacks {', '.join(n + '.ipynb' for n in missing)}")
+
+
+def _combinations(dataset: str, n_labeled: Sequence[int], seeds: Sequence[int], grid: dict) -> list[dict]:
+    """The grid's settings, one dict per combination; every run's folder name is checked (length, no two alike)."""
     combos = [dict(zip(grid, values)) for values in itertools.product(*grid.values())] if grid else [{}]
     names: dict = {}
     for n in n_labeled:
@@ -222,6 +222,25 @@ def validate(profile: str, dataset: str, data_root: Path, n_labeled: Sequence[in
                     raise SweepError(f"--grid settings {names[name]} and {c} give the same run folder {name}")
                 names[name] = c
     return combos
+
+
+def validate(profile: str, dataset: str, data_root: Path, n_labeled: Sequence[int], seeds: Sequence[int], out: Path,
+             overrides: dict, grid: dict, notebooks_dir: Path) -> list[dict]:
+    """Check every argument before any work; returns the grid's settings (one dict per combination)."""
+    prof = get_profile(profile, overrides)  # an unknown profile, --set key or bad value fails here (Key/ValueError)
+    _check_values(n_labeled, seeds)
+    _check_grid(profile, overrides, grid)
+    try:
+        _check_models(prof)
+    except KeyError as e:
+        raise SweepError(e.args[0]) from None
+    _check_dataset(dataset, data_root)
+    _check_sizes(prof, dataset, data_root, n_labeled)
+    _check_out(Path(out))
+    missing = [nb for nb in NOTEBOOKS if not (Path(notebooks_dir) / f"{nb}.ipynb").is_file()]
+    if missing:
+        raise SweepError(f"notebooks folder {notebooks_dir} lacks {', '.join(n + '.ipynb' for n in missing)}")
+    return _combinations(dataset, n_labeled, seeds, grid)
 
 
 # ------------------------------------------------------------------------------- the sweep
@@ -264,8 +283,22 @@ def sweep(profile: str, dataset: str, data_root: Path, n_labeled: Sequence[int],
              for i, (n, s, c) in enumerate(runs, start=1)]
     failures: list = []
     t_all = time.perf_counter()
+    todo = _pending(specs, methods, failures)
+    if todo and dataset == "phantom" and executor != "local":
+        # made once here, not by several runs at the same time
+        ensure_dataset(dataset, data_root, phantom_cases=get_profile(profile, overrides).data.phantom_cases)
+    if todo:
+        runner.run(todo, lambda spec, status: _announce_done(spec, status, failures))
+    results = aggregate_locked(out, profile=profile, command=command, failures=failures,
+                               wall_seconds=time.perf_counter() - t_all, axes=list(grid))
+    return _summary(out, specs, failures, results, time.perf_counter() - t_all)
+
+
+def _pending(specs: list, methods: list, failures: list) -> list:
+    """The runs that still have work (read-only checks here; the worker repeats them under the run's lock): a run
+    folder of another configuration or locked by another sweep fails, a finished one is skipped."""
     todo = []
-    for spec in specs:  # read-only checks here; the worker repeats them under the run's lock
+    for spec in specs:
         run_dir = Path(spec.run_dir)
         mismatch = config_mismatch(run_dir, spec.wanted_config())
         holder = None if mismatch else locked_by(run_dir)
@@ -284,14 +317,12 @@ def sweep(profile: str, dataset: str, data_root: Path, n_labeled: Sequence[int],
             for p in problems:
                 print(f"{spec.label}: {p.describe(run_dir)}: re-executing from {problems[0].notebook}", flush=True)
         todo.append(spec)
-    if todo and dataset == "phantom" and executor != "local":
-        # made once here, not by several runs at the same time
-        ensure_dataset(dataset, data_root, phantom_cases=get_profile(profile, overrides).data.phantom_cases)
-    if todo:
-        runner.run(todo, lambda spec, status: _announce_done(spec, status, failures))
-    results = aggregate_locked(out, profile=profile, command=command, failures=failures,
-                               wall_seconds=time.perf_counter() - t_all, axes=list(grid))
-    print(f"\n{len(specs) - len(failures)}/{len(specs)} runs finished in {_fmt(time.perf_counter() - t_all)}")
+    return todo
+
+
+def _summary(out: Path, specs: list, failures: list, results: int, seconds: float) -> int:
+    """Print how many runs finished, the report's Dice table and the failed runs; the sweep's exit status."""
+    print(f"\n{len(specs) - len(failures)}/{len(specs)} runs finished in {_fmt(seconds)}")
     table = report_table(out / "report.md")
     if table:
         print("\n" + table)
@@ -344,7 +375,7 @@ def _minutes(text: str) -> int:
     return minutes
 
 
-def main(argv: Optional[list] = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m tskd_utils.reproduce", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     from .run import METHODS
@@ -372,17 +403,19 @@ def main(argv: Optional[list] = None) -> int:
     ap.add_argument("--executor", choices=EXECUTORS, default="local",
                     help="local: here, one run after another; ray: one Ray task per run; slurm: a SLURM array job")
     ap.add_argument("--cpus-per-run", "--slurm-cpus", type=int, default=None,
-                    help="CPUs a run asks Ray/SLURM for (default by profile: smoke 1, demo 2, cpu 2, colab 4, paper 8)")
+                    help="CPUs a run asks Ray/SLURM for (default by profile: "
+                    + ", ".join(f"{p} {m.cpus}" for p, m in MACHINES.items()) + ")")
     ap.add_argument("--gpus-per-run", "--slurm-gpus", type=int, default=None,
-                    help="GPUs a run asks Ray/SLURM for (default: 1 for colab/paper, else 0)")
+                    help="GPUs a run asks Ray/SLURM for (default by profile: "
+                    + ", ".join(f"{p} {m.gpus}" for p, m in MACHINES.items()) + ")")
     g = ap.add_argument_group("ray")
     g.add_argument("--ray-address", default=None, help="an existing Ray cluster (e.g. auto or ray://head:10001); "
                    "default: $RAY_ADDRESS, else a Ray runtime started on this machine")
     g = ap.add_argument_group("slurm (through submitit)")
     g.add_argument("--slurm-partition", default=None, help="the SLURM partition (sbatch --partition)")
     g.add_argument("--slurm-time", type=_minutes, default=None,
-                   help="time limit per run (minutes or HH:MM:SS; default by profile: smoke 30 min, demo 3 h, "
-                        "cpu 4 h, colab 24 h, paper 72 h)")
+                   help="time limit per run (minutes or HH:MM:SS; default by profile: " + ", ".join(
+                       f"{p} {_hours(m.slurm_minutes)}" for p, m in MACHINES.items()) + ")")
     g.add_argument("--slurm-mem-gb", type=int, default=None, help="memory per run in GB (sbatch --mem)")
     g.add_argument("--slurm-account", default=None, help="the account to charge (sbatch --account)")
     g.add_argument("--slurm-qos", default=None, help="quality of service (sbatch --qos)")
@@ -393,19 +426,26 @@ def main(argv: Optional[list] = None) -> int:
                    help="another sbatch option, e.g. constraint=a100 (repeatable)")
     g.add_argument("--slurm-cluster", choices=("slurm", "local"), default="slurm",
                    help="local: submitit's local executor (runs the SLURM path on this machine, for testing)")
-    args = ap.parse_args(argv)
+    return ap
 
-    def key_values(items, flag):
-        d = {}
-        for item in items:
-            if "=" not in item:
-                ap.error(f"{flag} expects KEY=VALUE, got {item!r}")
-            k, v = item.split("=", 1)
-            d[k.strip()] = _value(v)
-        return d
 
-    overrides = key_values(args.overrides, "--set")
-    extra = key_values(args.slurm_extra, "--slurm-extra")
+def _hours(minutes: int) -> str:
+    return f"{minutes} min" if minutes < 60 else f"{minutes / 60:g} h"
+
+
+def _key_values(ap, items: Sequence[str], flag: str) -> dict:
+    d = {}
+    for item in items:
+        if "=" not in item:
+            ap.error(f"{flag} expects KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        d[k.strip()] = _value(v)
+    return d
+
+
+def _executor_options(ap, args) -> dict:
+    """The chosen executor's options; an option of another executor is an error."""
+    extra = _key_values(ap, args.slurm_extra, "--slurm-extra")
     options: dict = {"cpus_per_run": args.cpus_per_run, "gpus_per_run": args.gpus_per_run}
     if args.executor == "ray":
         options["address"] = args.ray_address
@@ -420,6 +460,14 @@ def main(argv: Optional[list] = None) -> int:
                        setup=list(args.slurm_setup), extra=extra, cluster=args.slurm_cluster)
     elif slurm_given:
         ap.error(f"--{slurm_given[0].replace('_', '-')} needs --executor slurm")
+    return options
+
+
+def main(argv: Optional[list] = None) -> int:
+    ap = _parser()
+    args = ap.parse_args(argv)
+    overrides = _key_values(ap, args.overrides, "--set")
+    options = _executor_options(ap, args)
     command = "python -m tskd_utils.reproduce " + " ".join(argv if argv is not None else sys.argv[1:])
     try:
         grid = parse_grid(args.grid)
