@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tskd_utils import export, predict
+from tskd_utils import data, export, predict
 from tskd_utils.data import unletterbox
 from tskd_utils.io import DataError
 
@@ -218,7 +218,7 @@ def test_overlay_and_windows_hold_no_float_copy_of_the_image_and_give_the_same_r
     assert peak_bytes_per_pixel(predict.overlay_uint8, gray, labels) < 16
     assert peak_bytes_per_pixel(predict.window_percentiles, deep) < 16
 
-    monkeypatch.setattr(predict, "BLOCK_PIXELS", 997)
+    monkeypatch.setattr(data, "BLOCK_PIXELS", 997)  # by_rows: the helper of predict and the label maps
     gray, labels, deep = gray[:90, :70], rng.integers(0, 12, (90, 70), np.uint8), deep[:90, :70]  # 12: past the colours
     assert np.array_equal(predict.overlay_uint8(gray, labels), np.round(overlay(gray, labels) * 255).astype(np.uint8))
     raw = deep.astype(np.float64)

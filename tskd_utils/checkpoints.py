@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .data import letterbox, unletterbox
+from .data import by_rows, letterbox, unletterbox
 from .features import images_to_tensor, run_suffix, teacher_inputs, teacher_prefix
 from .io import DataError, load_case, read_json
 from .models import TeacherEncoder, TeacherSegmenter, build_student, build_supervised_unet, build_teacher, freeze, \
@@ -159,9 +159,11 @@ def student_logits(run: Run, model, images: list[np.ndarray], batch_size: int = 
     return out
 
 
-def to_label_map(logits: torch.Tensor, original_hw: tuple[int, int]) -> np.ndarray:
-    """(K, S, S) letterboxed logits -> (H, W) uint8 labels at the original size."""
-    return unletterbox(logits, original_hw).argmax(0).numpy().astype(np.uint8)
+def to_label_map(logits, original_hw: tuple[int, int]) -> np.ndarray:
+    """(K, S, S) letterboxed logits -> (H, W) uint8 class indices at the original size (the logits resized to it are
+    float32; the argmax is taken a block of rows at a time, without int64 temporaries at the full image size)."""
+    up = unletterbox(torch.as_tensor(logits), original_hw).numpy()
+    return by_rows(lambda rows: rows.argmax(1), np.moveaxis(up, 0, 1))  # (H, K, W): rows first
 
 
 def predict_cases(run: Run, variant: str, cases) -> list[np.ndarray]:

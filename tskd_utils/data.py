@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import cv2
 import numpy as np
@@ -88,6 +88,21 @@ def resize_labels(labels: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
 def letterbox_valid(shape: tuple, size: int) -> tuple[int, int]:
     """(rows, cols) of the image part of a letterboxed ``size x size`` frame for an image of ``shape``."""
     return Letterbox(int(shape[0]), int(shape[1]), size).inner
+
+
+BLOCK_PIXELS = 1 << 20  # float64 / int64 temporaries are made for blocks of rows of about this many pixels
+
+
+def by_rows(fn: Callable[..., np.ndarray], *arrays: np.ndarray, dtype=np.uint8) -> np.ndarray:
+    """``fn(*arrays)`` as ``dtype``, computed on blocks of their rows (about BLOCK_PIXELS values each): the same
+    result for a ``fn`` that works row by row, without its float64 / int64 temporaries at the full image size."""
+    out, step = None, max(1, BLOCK_PIXELS // max(1, arrays[0][:1].size))
+    for r in range(0, len(arrays[0]), step):
+        block = fn(*(a[r:r + step] for a in arrays))
+        if out is None:
+            out = np.empty((len(arrays[0]),) + block.shape[1:], dtype)
+        out[r:r + step] = block
+    return out
 
 
 def unletterbox(arr: np.ndarray | torch.Tensor, original_hw: tuple[int, int], is_mask: bool = False):

@@ -45,8 +45,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .checkpoints import load_student, load_teacher
-from .data import letterbox, letterbox_valid, unletterbox
+from .checkpoints import load_student, load_teacher, to_label_map as label_map  # noqa: F401 (predict.label_map)
+from .data import by_rows, letterbox, letterbox_valid
 from .io import DataError, atomic_write, check_writable_dir, read_json, write_png
 from .run import load_run
 from .viz import CLASS_COLORS, overlay
@@ -57,7 +57,6 @@ SUPPORTED = "PNG, JPEG, TIFF or DICOM (.png .jpg .jpeg .tif .tiff .dcm .dicom, o
 WINDOW_PERCENTILES = (0.5, 99.5)  # of the pixel values of one image: the window of 16-bit / float input
 HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")  # PIL modes that are not 8-bit
 MAX_PIXELS = 50_000_000  # larger images are refused (about 4 K + 6 bytes per pixel: 0.9 GB here for 3 classes)
-BLOCK_PIXELS = 1 << 20  # float64 / int64 temporaries are made for blocks of rows of about this many pixels
 
 
 # --------------------------------------------------------------------------------- reading
@@ -73,18 +72,6 @@ def is_dicom(path: Path) -> bool:
     except OSError:
         return False
     return len(head) == 132 and head[128:] == b"DICM"
-
-
-def by_rows(fn: Callable[..., np.ndarray], *arrays: np.ndarray, dtype=np.uint8) -> np.ndarray:
-    """``fn(*arrays)`` as ``dtype``, computed on blocks of their rows (about BLOCK_PIXELS values each): the same
-    result for a ``fn`` that works row by row, without its float64 / int64 temporaries at the full image size."""
-    out, step = None, max(1, BLOCK_PIXELS // max(1, arrays[0][:1].size))
-    for r in range(0, len(arrays[0]), step):
-        block = fn(*(a[r:r + step] for a in arrays))
-        if out is None:
-            out = np.empty((len(arrays[0]),) + block.shape[1:], dtype)
-        out[r:r + step] = block
-    return out
 
 
 def window_percentiles(values: np.ndarray, percentiles: tuple[float, float] = WINDOW_PERCENTILES) -> np.ndarray:
@@ -246,13 +233,6 @@ def to_gray_uint8(path, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, Optio
 def model_input(gray: np.ndarray, size: int) -> np.ndarray:
     """(H, W) uint8 -> (1, 1, size, size) float32 in [0, 1]: letterboxed, as in training and evaluation."""
     return (letterbox(gray, size).astype(np.float32) / 255.0)[None, None]
-
-
-def label_map(logits, original_hw: tuple[int, int]) -> np.ndarray:
-    """(K, S, S) letterboxed logits -> (H, W) uint8 class indices at the original size (the logits resized
-    to it are float32; the argmax's int64 indices are made a block of rows at a time)."""
-    up = unletterbox(torch.as_tensor(logits), original_hw).numpy()
-    return by_rows(lambda rows: rows.argmax(1), np.moveaxis(up, 0, 1))  # (H, K, W): rows first
 
 
 def overlay_uint8(gray: np.ndarray, labels: np.ndarray) -> np.ndarray:
