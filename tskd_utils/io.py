@@ -41,6 +41,11 @@ MAX_FOREGROUND = 0.9  # a mask with more foreground than this is refused (invert
 MAX_COVERED_BORDERS = 2  # ... and so is one whose foreground covers most of 3 or 4 image borders
 
 
+# the columns of a run's results.csv (and of the sweep's, before its grid columns)
+RESULT_COLUMNS = ["dataset", "n_labeled", "seed", "method", "dice", "iou", "hd95", "params_m", "latency_ms",
+                  "profile"]
+
+
 class DataError(ValueError):
     """A bad input file or value; the message names it."""
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 from .config import flat_settings, get_profile, profile_to_dict
-from .io import DataError, read_json, write_json
+from .io import RESULT_COLUMNS, DataError, read_json, write_json
 
 NOTEBOOKS = ("01_data_preparation", "02_teacher_lora_finetuning", "03_diffusion_synthesis", "04_distillation",
              "05_evaluation")
@@ -185,8 +185,6 @@ def _check_csv(path: Path, columns: Sequence[str], methods: Sequence[str] = ()) 
 
 def claimed_files(run_dir: Path, methods: Sequence[str]) -> dict:
     """notebook -> [(path, check)] for the files a finished notebook leaves that later ones or the report read."""
-    from .evaluate import RESULT_COLUMNS
-
     t, m = run_dir / "teacher", list(methods)
     return {
         "01_data_preparation": [(run_dir / "config.json", _check_json), (run_dir / "splits.json", _check_json)],

@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 
 from . import stats
 from .config import flat_settings
-from .io import DataError, read_json
+from .io import RESULT_COLUMNS, DataError, read_json
 from .stats import format_interval
 
 METHOD_ORDER = ["teacher", "teacher_frozen", "unet_supervised", "ts_kd", "ts_kd_nosyn", "ta_kd", "mae", "mocov3",
@@ -98,8 +98,6 @@ def _run_folders(out: Path) -> list[Path]:
 def collect(out: Path):
     """(runs, notes): one entry per run folder with a readable results.csv, and why others were left out."""
     import pandas as pd
-
-    from .evaluate import RESULT_COLUMNS
 
     runs, notes = [], []
     for d in _run_folders(out):
@@ -231,7 +229,6 @@ def aggregate(out: Path, profile: str = "", command: str = "", failures: Sequenc
     matplotlib.use("Agg")
     import pandas as pd
 
-    from .evaluate import RESULT_COLUMNS
     out = Path(out)
     runs, notes = collect(out)
     folders = _run_folders(out)
