@@ -253,6 +253,32 @@ def _worker_init(worker_id: int) -> None:
 # ---------------------------------------------------------------------------------- splits
 
 
+def _subject_split(info: DatasetInfo, by_subject: dict, split_seed: int, val_fraction: float,
+                   test_fraction: float) -> tuple[list, list, list]:
+    """(test, val, train) subjects: a seeded permutation of the subjects, cut where the test and then the validation
+    subjects hold their fraction of the cases (at least one subject each)."""
+    subjects = sorted(by_subject)
+    if len(subjects) < 3:
+        raise DataError(f"dataset {info.root} has {len(subjects)} subject(s); at least 3 are needed to split "
+                        f"into train, val and test")
+    order = [subjects[i] for i in np.random.default_rng(split_seed).permutation(len(subjects))]
+    n_cases = len(info.cases)
+
+    def take(pool: list[str], fraction: float) -> list[str]:
+        chosen, count = [], 0
+        while pool and (count < fraction * n_cases or not chosen):
+            s = pool.pop(0)
+            chosen.append(s)
+            count += len(by_subject[s])
+        return chosen
+
+    test_s = take(order, test_fraction)
+    val_s = take(order, val_fraction)
+    if not order:
+        raise DataError(f"dataset {info.root}: no subjects left for training after val/test")
+    return test_s, val_s, order
+
+
 def make_splits(info: DatasetInfo, n_labeled: int, seed: int, val_fraction: float = 0.15,
                 test_fraction: float = 0.2, split_seed: int = 0, max_train: Optional[int] = None,
                 max_val: Optional[int] = None, max_test: Optional[int] = None) -> dict:
@@ -273,26 +299,7 @@ def make_splits(info: DatasetInfo, n_labeled: int, seed: int, val_fraction: floa
     by_subject: dict[str, list[str]] = {}
     for c in info.cases:
         by_subject.setdefault(c.subject, []).append(c.case)
-    subjects = sorted(by_subject)
-    if len(subjects) < 3:
-        raise DataError(f"dataset {info.root} has {len(subjects)} subject(s); at least 3 are needed to split "
-                        f"into train, val and test")
-    order = [subjects[i] for i in np.random.default_rng(split_seed).permutation(len(subjects))]
-    n_cases = len(info.cases)
-
-    def take(pool: list[str], fraction: float) -> list[str]:
-        chosen, count = [], 0
-        while pool and (count < fraction * n_cases or not chosen):
-            s = pool.pop(0)
-            chosen.append(s)
-            count += len(by_subject[s])
-        return chosen
-
-    test_s = take(order, test_fraction)
-    val_s = take(order, val_fraction)
-    train_s = order
-    if not train_s:
-        raise DataError(f"dataset {info.root}: no subjects left for training after val/test")
+    test_s, val_s, train_s = _subject_split(info, by_subject, split_seed, val_fraction, test_fraction)
 
     def cases_of(subj: list[str], cap: Optional[int]) -> list[str]:
         out = [case for s in subj for case in sorted(by_subject[s])]
