@@ -227,6 +227,37 @@ def _parse_classes(classes) -> list:
     return names
 
 
+def _pair_cases(image_files: dict, mask_files: dict, masks: Path, mask_suffix: str, subjects, images: Path) -> list:
+    """One RawCase per image, with its mask (``<stem><mask_suffix>``) and subject (the subjects file's, or its own);
+    an image without a mask, a mask without an image or a case missing from the subjects file is an error."""
+    cases: list[RawCase] = []
+    used = set()
+    subject_of = read_subjects_csv(subjects) if subjects is not None else None
+    for stem, image_path in image_files.items():
+        mask_path = mask_files.get(stem + mask_suffix)
+        if mask_path is None:
+            raise DataError(f"image {image_path} has no mask: expected {masks / (stem + mask_suffix)}.png "
+                            f"(mask suffix {mask_suffix!r})")
+        used.add(stem + mask_suffix)
+        if subject_of is not None:
+            if stem not in subject_of:
+                raise DataError(f"case {stem!r} ({image_path}) is not listed in the subjects file {subjects}")
+            subject = subject_of[stem]
+        else:
+            subject = stem
+        cases.append(RawCase(stem, subject, image_path, (mask_path,)))
+    orphans = sorted(set(mask_files) - used)
+    if orphans:
+        raise DataError(f"mask {mask_files[orphans[0]]} has no image in {images}"
+                        + (f" ({len(orphans) - 1} more masks without images)" if len(orphans) > 1 else ""))
+    if subject_of is not None:
+        extra = set(subject_of) - set(image_files)
+        if extra:
+            print(f"note: {len(extra)} cases in {subjects} have no image and are ignored")
+
+    return cases
+
+
 def prepare(raw, out, overwrite: bool = False, images=None, masks=None, mask_suffix: str = "",
             classes=None, dataset_name: str = "custom", subjects=None, binarize: bool = False,
             modality: str = "unspecified", license: str = "unspecified (user-supplied data)",
@@ -253,30 +284,7 @@ def prepare(raw, out, overwrite: bool = False, images=None, masks=None, mask_suf
         raise DataError(f"no images ({', '.join(IMAGE_EXTS)}) in {images}")
     mask_files = index_by_stem(list_files(masks, MASK_EXTS), "mask")
 
-    cases: list[RawCase] = []
-    used = set()
-    subject_of = read_subjects_csv(subjects) if subjects is not None else None
-    for stem, image_path in image_files.items():
-        mask_path = mask_files.get(stem + mask_suffix)
-        if mask_path is None:
-            raise DataError(f"image {image_path} has no mask: expected {masks / (stem + mask_suffix)}.png "
-                            f"(mask suffix {mask_suffix!r})")
-        used.add(stem + mask_suffix)
-        if subject_of is not None:
-            if stem not in subject_of:
-                raise DataError(f"case {stem!r} ({image_path}) is not listed in the subjects file {subjects}")
-            subject = subject_of[stem]
-        else:
-            subject = stem
-        cases.append(RawCase(stem, subject, image_path, (mask_path,)))
-    orphans = sorted(set(mask_files) - used)
-    if orphans:
-        raise DataError(f"mask {mask_files[orphans[0]]} has no image in {images}"
-                        + (f" ({len(orphans) - 1} more masks without images)" if len(orphans) > 1 else ""))
-    if subject_of is not None:
-        extra = set(subject_of) - set(image_files)
-        if extra:
-            print(f"note: {len(extra)} cases in {subjects} have no image and are ignored")
+    cases = _pair_cases(image_files, mask_files, masks, mask_suffix, subjects, images)
 
     n_classes = len(class_names)
     seen = np.zeros(256, dtype=bool)
