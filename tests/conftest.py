@@ -15,6 +15,20 @@ REPO = Path(__file__).resolve().parents[1]
 HC18 = Path(os.environ.get("TSKD_HC18_RAW") or REPO.parent / "shared" / "datasets" / "hc18")
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+NO_TRAINING = "TSKD_TEST_NO_TRAINING"  # make test-fast: a test that runs a training epoch must be marked `trains`
+
+
+@pytest.fixture(autouse=True)
+def _training_is_marked(request, monkeypatch):
+    if os.environ.get(NO_TRAINING) != "1" or request.node.get_closest_marker("trains"):
+        return
+    from tskd_utils import training
+
+    def refuse(self, *args, **kwargs):
+        raise RuntimeError(f"{request.node.nodeid} trains a model ({self.desc}): mark it @pytest.mark.trains, or "
+                           f"run it with make test")
+
+    monkeypatch.setattr(training.Stage, "epochs", refuse)
 
 
 def make_toy_dataset(root: Path, n_cases: int = 24, size: int = 40, frames: int = 2, seed: int = 0,

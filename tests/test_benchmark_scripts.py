@@ -93,6 +93,7 @@ def test_a_variant_folder_is_a_copy_of_what_it_reads(tmp_path):
     assert (src / "cache/targets/a.safetensors").is_file()
 
 
+@pytest.mark.trains
 def test_teacher_variants_train_beside_the_run_and_never_write_into_it(smoke_run, monkeypatch, capsys):
     import hashlib
 

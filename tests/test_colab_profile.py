@@ -8,12 +8,15 @@ frozen patch embedding, so it never turned on. Here it is switched on by the tea
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tskd_utils import teacher
 from tskd_utils.models import SamViTEncoder
 from tskd_utils.run import setup_run
 from tskd_utils.training import Stage
+
+pytestmark = pytest.mark.trains  # every test here fits a model (make test-fast leaves them out)
 
 SIZE = 64  # teacher and student input instead of the profile's 256 (SAM's 14x14 attention windows: 64 px costs
 #           as much as 224 px, the smallest input the architecture really saves on)

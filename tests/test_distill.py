@@ -10,6 +10,8 @@ from tskd_utils.io import sha256sum
 from tskd_utils.models import build_student
 from tskd_utils.teacher import load_teacher, train_teacher
 
+pytestmark = pytest.mark.trains  # every test here fits a model (make test-fast leaves them out)
+
 
 @pytest.fixture
 def trained_run(tmp_path, toy_root):

@@ -16,6 +16,8 @@ from safetensors.torch import load_file
 from tskd_utils import distill, evaluate, teacher, training
 from tskd_utils.run import setup_run
 
+pytestmark = pytest.mark.trains  # every test here fits a model (make test-fast leaves them out)
+
 METHODS = ["ts_kd", "ta_kd", "mae", "mocov3"]
 
 

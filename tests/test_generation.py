@@ -124,6 +124,7 @@ def test_generation_resumes_with_the_same_images(trained_run):
     assert read_json(run.synthetic_dir / "synthetic.json")["generated_now"] == 2
 
 
+@pytest.mark.trains
 def test_training_resumes_after_an_interruption(trained_run, toy_data, monkeypatch, capsys):
     full_run = trained_run[0]
     run = setup_run(toy_data.parent / "runs" / "interrupted", profile="smoke", dataset="toy", data_root=toy_data,
@@ -210,6 +211,7 @@ def test_profile_unets_build_with_attention_at_the_lowest_resolution(profile):
         assert out.shape == (1, 1, cfg.sample_size, cfg.sample_size)
 
 
+@pytest.mark.trains
 def test_latent_diffusion_trains_an_autoencoder_and_samples_through_it(toy_data):
     latent = {"diffusion.latent": True, "diffusion.sample_size": 32, "diffusion.vae_block_out_channels": [8, 16, 16],
               "diffusion.vae_epochs": 3, "diffusion.block_out_channels": [16, 16]}

@@ -11,6 +11,8 @@ from tskd_utils import distill, evaluate, teacher
 from tskd_utils.io import sha256sum
 from tskd_utils.run import setup_run
 
+pytestmark = pytest.mark.trains  # every test here fits a model (make test-fast leaves them out)
+
 METHODS = ["scratch", "ts_kd"]
 BASE = {"diffusion.n_synthetic": 0}
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from conftest import REPO
@@ -33,6 +34,7 @@ def _tensors(path) -> dict:
     return load_file(str(path))
 
 
+@pytest.mark.trains
 def test_notebook_02_config_and_loop_train_what_the_package_trains(tmp_path, toy_root):
     """Notebook 02's LoraConfig is the profile's, and its LoRA loop gives, weight for weight, the teacher of
     teacher.train_teacher (the loop ensure_teacher and the tests run)."""
@@ -74,6 +76,7 @@ def test_notebook_03_sampling_loop_is_the_pipelines():
     assert set(kept) == {2}
 
 
+@pytest.mark.trains
 def test_notebook_03_loop_trains_what_the_package_trains(tmp_path, toy_root):
     """Notebook 03's DDPM loop gives, weight for weight, the EMA pipeline of generation.train_diffusion."""
     from tskd_utils import generation, viz
@@ -93,6 +96,7 @@ def test_notebook_03_loop_trains_what_the_package_trains(tmp_path, toy_root):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.trains
 def test_notebook_04_loop_trains_what_the_package_trains(tmp_path, toy_root):
     """The pretraining loop written out in notebook 04 gives, weight for weight, the students of distill.pretrain
     (the loop ensure_students and the tests run), for TS-KD and for task-agnostic KD (no logits)."""

@@ -205,6 +205,7 @@ def test_bfloat16_prefix_is_close_to_float32(monkeypatch):
         features.compute_prefix(enc, "cpu", "float8")
 
 
+@pytest.mark.trains
 def test_teacher_stage_trains_resumes_and_is_reused(smoke_run, monkeypatch):
     monkeypatch.setenv(training.STOP_ENV, "lora:1")
     with pytest.raises(training.StageInterrupted):
@@ -249,6 +250,7 @@ def test_sam_decoder_head_starts_as_medsam_box_prompt_and_keeps_images_apart(tmp
     assert not torch.allclose(ref[0], ref[1])
 
 
+@pytest.mark.trains
 def test_sam_decoder_head_trains_its_decoder_and_class_offsets_only(tmp_path):
     from types import SimpleNamespace
 

@@ -39,6 +39,7 @@ def _make(tmp_path, force=False, inputs=None):
     return stage, model, train, val
 
 
+@pytest.mark.trains
 def test_interrupted_stage_resumes_to_the_same_result(tmp_path, monkeypatch):
     _, ref_model, ref_train, _ = _make(tmp_path / "ref")
     ref_hist = ref_train()
@@ -57,6 +58,7 @@ def test_interrupted_stage_resumes_to_the_same_result(tmp_path, monkeypatch):
     assert not (tmp_path / "cut" / "stage" / "checkpoint").exists()  # removed once finished
 
 
+@pytest.mark.trains
 def test_finished_stage_is_reused_and_best_is_loaded(tmp_path):
     stage, model, train, val = _make(tmp_path)
     hist = train()
@@ -72,6 +74,7 @@ def test_finished_stage_is_reused_and_best_is_loaded(tmp_path):
     assert not stage3.finished  # force starts over
 
 
+@pytest.mark.trains
 def test_changed_inputs_reset_the_stage_and_say_why(tmp_path, capsys):
     _, _, train, _ = _make(tmp_path)
     train()
@@ -84,6 +87,7 @@ def test_changed_inputs_reset_the_stage_and_say_why(tmp_path, capsys):
     assert not (tmp_path / "stage" / "final.safetensors").exists()
 
 
+@pytest.mark.trains
 def test_a_damaged_weights_file_is_an_error_naming_it(tmp_path):
     _, model, train, _ = _make(tmp_path)
     train()
@@ -128,6 +132,7 @@ def test_warmup_then_cosine():
     assert lrs[0] < lrs[3] < lrs[4] and lrs[4] == pytest.approx(1.0) and lrs[-1] < 0.05
 
 
+@pytest.mark.trains
 def test_a_diverging_stage_stops_naming_stage_epoch_and_learning_rate(tmp_path):
     """lr far too high: the weights turn non-finite; the stage stops with an error, keeps its last good
     checkpoint and writes no final weights (a NaN student never reaches the report)."""
