@@ -231,9 +231,9 @@ def _demo() -> Profile:
 
 
 def _cpu() -> Profile:
-    # Aimed at 45 minutes per run on 2 CPU cores; measured longer (docs/benchmarks.md "HC18 (real data), cpu profile":
-    # where the time goes). Most of it is the six students: ViT-Tiny at 256 px costs about 0.09 s per image for a
-    # forward and backward pass in float32 there (0.055 s in bfloat16), and every method gets the same schedule.
+    # Aimed at 45 minutes per run on 2 CPU cores; measured longer (docs/benchmarks.md, "HC18 with the U-Net
+    # student": on a 2-core AVX2-only CPU ts_kd's pretraining alone took 513 s, unet_supervised 490 s, and each of the
+    # five pretrained methods gets the same 20-epoch schedule on the 320 transfer images).
     return Profile(
         name="cpu",
         description="real data on a laptop CPU, quality first: LiteMedSAM teacher, a U-Net student, 256 px",
