@@ -16,16 +16,14 @@ import torch
 from conftest import REPO
 
 
-def _core(name: str, namespace: dict) -> dict:
-    nb = json.loads((REPO / "notebooks" / f"{name}.ipynb").read_text())
-    cell = next(c for c in nb["cells"] if "core" in c.get("metadata", {}).get("tags", []))
-    exec(compile("".join(cell["source"]), f"{name}:core", "exec"), namespace)
-    return namespace
-
-
 def _cell(name: str, tag: str) -> str:
     nb = json.loads((REPO / "notebooks" / f"{name}.ipynb").read_text())
     return "".join(next(c for c in nb["cells"] if tag in c.get("metadata", {}).get("tags", []))["source"])
+
+
+def _core(name: str, namespace: dict) -> dict:
+    exec(compile(_cell(name, "core"), f"{name}:core", "exec"), namespace)
+    return namespace
 
 
 def _tensors(path) -> dict:

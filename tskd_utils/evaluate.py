@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 # the prediction helpers live in checkpoints.py; named here too for notebook 05 and older callers
 from .checkpoints import load_model, selected_variant, student_logits, teacher_logits, to_label_map  # noqa: F401
-from .io import RESULT_COLUMNS, load_case, read_mask, safe_join, write_json, write_png  # noqa: F401
+from .io import RESULT_COLUMNS, load_case, read_mask, safe_join, write_json, write_png
 from .metrics import case_metrics, mean_foreground_dice, nanmean
 from .run import Run, check_methods
 from .stats import case_scores, format_interval, paired_comparisons

@@ -61,8 +61,9 @@ def non_finite(row: dict, modules: dict) -> Optional[str]:
                 return f"{key} = {value}"
         return None
 
-    if metric(False):
-        return metric(False)
+    found = metric(False)
+    if found:
+        return found
     for name, module in modules.items():
         if isinstance(module, torch.nn.Module):
             tensors = ((k, p.detach()) for k, p in module.named_parameters())
