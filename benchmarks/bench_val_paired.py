@@ -22,6 +22,22 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+def validation_dice(run, method: str) -> np.ndarray:
+    """Per-case mean foreground Dice of one model of ``run`` on its validation split, at the original size."""
+    from tskd_utils.checkpoints import load_model, student_logits, teacher_logits, to_label_map
+    from tskd_utils.io import load_case
+    from tskd_utils.metrics import case_metrics
+
+    records = [run.info.case(c) for c in run.splits["val"]]
+    pairs = [load_case(run.info, rec) for rec in records]
+    images, masks = [p[0] for p in pairs], [p[1] for p in pairs]
+    model, _ = load_model(run, method)
+    logits = teacher_logits(run, model, images, [r.case for r in records]) if method.startswith("teacher") \
+        else student_logits(run, model, images)
+    return np.array([np.mean(case_metrics(to_label_map(lg, mk.shape), mk, run.info.n_classes)["dice"])
+                     for lg, mk in zip(logits, masks)])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run-dir", type=Path, required=True)
@@ -30,24 +46,12 @@ def main() -> None:
 
     import pandas as pd
 
-    from tskd_utils.checkpoints import load_model, student_logits, teacher_logits, to_label_map
-    from tskd_utils.io import load_case
-    from tskd_utils.metrics import case_metrics
     from tskd_utils.run import load_run
     from tskd_utils.stats import bootstrap_ci, format_interval
 
     run = load_run(args.run_dir)
-    records = [run.info.case(c) for c in run.splits["val"]]
-    pairs = [load_case(run.info, rec) for rec in records]
-    images, masks = [p[0] for p in pairs], [p[1] for p in pairs]
-    scores = {}
-    for method in args.methods:
-        model, _ = load_model(run, method)
-        logits = teacher_logits(run, model, images, [r.case for r in records]) if method.startswith("teacher") \
-            else student_logits(run, model, images)
-        scores[method] = np.array([np.mean(case_metrics(to_label_map(lg, mk.shape), mk, run.info.n_classes)["dice"])
-                                   for lg, mk in zip(logits, masks)])
-    print(f"{args.run_dir}: {len(records)} validation images, Dice at the original size")
+    scores = {method: validation_dice(run, method) for method in args.methods}
+    print(f"{args.run_dir}: {len(run.splits['val'])} validation images, Dice at the original size")
     print(pd.Series({m: s.mean() for m, s in scores.items()}, name="validation Dice").round(4).to_string())
     for a, b in itertools.combinations(args.methods, 2):
         mean, low, high = bootstrap_ci(scores[a] - scores[b])

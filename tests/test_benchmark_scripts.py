@@ -2,7 +2,8 @@
 (bench_student_schedule.py: variants parse or fail with a clear message, and a variant's folder is a copy, so training a
 variant never writes into the finished run it starts from) and the teacher variants (bench_teacher_variants.py, on the
 smoke profile: a variant trains beside the run, reuses what its settings leave unchanged, and the run is only read), and
-the post-processing benchmark's largest-component step (bench_postprocess.py)."""
+the post-processing benchmark's largest-component step (bench_postprocess.py), and the teacher against the U-Net
+(bench_teacher_vs_unet.py, smoke profile: both scored, seeds pooled, a second invocation trains and scores nothing)."""
 
 from __future__ import annotations
 
@@ -132,6 +133,30 @@ def test_teacher_variants_train_beside_the_run_and_never_write_into_it(smoke_run
     monkeypatch.setattr(sys, "argv", ["bench_teacher_variants.py", "--run-dir", str(smoke_run.dir), "--out", str(out)])
     with pytest.raises(SystemExit, match="--variant"):
         _bench("bench_teacher_variants").main()
+
+
+@pytest.mark.trains
+def test_teacher_vs_unet_pools_seeds_and_a_second_invocation_trains_nothing(toy_root, tmp_path, monkeypatch, capsys):
+    from tskd_utils.io import read_json
+    from tskd_utils.run import load_run
+
+    out = tmp_path / "tvu"
+    monkeypatch.setattr(sys, "argv", ["bench_teacher_vs_unet.py", "--data-root", str(toy_root), "--out", str(out),
+                                      "--profile", "smoke", "--dataset", "toy", "--runs", "6:0", "6:1"])
+    _bench("bench_teacher_vs_unet").main()
+    first = capsys.readouterr().out
+    assert first.count("training it now") == 4 and first.count("evaluate s") == 2  # 2 runs x (teacher, U-Net)
+    for split in ("val ", "test"):
+        assert f"{split} n6 seeds 0,1 pooled: teacher - unet_supervised" in first
+    run = load_run(out / "toy_n6_s0")
+    val = read_json(run.metrics_dir / "teacher_vs_unet_val.json")
+    assert len(val["teacher"]) == len(val["unet_supervised"]) == len(run.splits["val"])
+    assert (run.students_dir / "unet_supervised" / "student.safetensors").is_file()
+    _bench("bench_teacher_vs_unet").main()
+    again = capsys.readouterr().out
+    assert "training it now" not in again and "evaluate s" not in again
+    table = lambda text: text.split("points [95% bootstrap CI]")[1]  # noqa: E731
+    assert table(again) == table(first)  # the same scores, read back
 
 
 def test_postprocess_keeps_each_class_largest_component_and_scores_like_notebook_05():
