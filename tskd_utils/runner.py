@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Iterator, Optional, Sequence
 from .config import flat_settings, get_profile, profile_to_dict
 from .io import RESULT_COLUMNS, DataError, read_json, write_json
+from .sweep_report import hms as _fmt
 
 NOTEBOOKS = ("01_data_preparation", "02_teacher_lora_finetuning", "03_diffusion_synthesis", "04_distillation",
              "05_evaluation")
@@ -36,12 +37,6 @@ class SweepError(ValueError):
 
 class RunLocked(RuntimeError):
     """Another process holds the run folder's lock."""
-
-
-def _fmt(seconds: float) -> str:
-    m, s = divmod(int(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
 def _json_norm(value):

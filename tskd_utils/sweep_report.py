@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 
 from . import stats
 from .config import flat_settings
-from .io import RESULT_COLUMNS, DataError, read_json
+from .io import RESULT_COLUMNS, DataError, atomic_write, read_json
 from .stats import format_interval
 
 METHOD_ORDER = ["teacher", "teacher_frozen", "unet_supervised", "ts_kd", "ts_kd_nosyn", "ta_kd", "mae", "mocov3",
@@ -35,28 +35,23 @@ PAIRED_COLUMNS = ["comparison", "other", "n_cases", "n_seeds", "mean_diff", "ci_
 MAX_PANELS = 12
 
 
-def _fmt(seconds: float) -> str:
+def hms(seconds: float) -> str:
+    """``12m05s``, ``1h02m03s``: a duration as the sweep prints it."""
     m, s = divmod(int(seconds), 60)
     h, m = divmod(m, 60)
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def _write_csv(path: Path, df) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    df.to_csv(tmp, index=False)
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: df.to_csv(tmp, index=False))
 
 
 def _save_fig(fig, path: Path) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=120)
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".")))
 
 
 def _cell_value(value):
@@ -266,7 +261,7 @@ def _run_row(d: Path) -> list:
         s = read_json(d / "status.json")
     except (FileNotFoundError, DataError):
         s = {}
-    return [d.name, s.get("state", "not started"), _fmt(s["seconds"]) if s.get("seconds") else ""]
+    return [d.name, s.get("state", "not started"), hms(s["seconds"]) if s.get("seconds") else ""]
 
 
 def _header(df, axes: list, runs: list, folders: list, notes: list, profile: str, command: str,
@@ -282,8 +277,8 @@ def _header(df, axes: list, runs: list, folders: list, notes: list, profile: str
     if command:
         lines += [f"Command: `{command}`", ""]
     lines += [f"Profile: {profile or ', '.join(sorted(df['profile'].astype(str).unique()))}; runs: {len(runs)} "
-              f"finished of {len(folders)} run folders; time in the runs' notebooks: {_fmt(run_seconds)}"
-              + (f"; this invocation: {_fmt(wall_seconds)}" if wall_seconds else ""), ""]
+              f"finished of {len(folders)} run folders; time in the runs' notebooks: {hms(run_seconds)}"
+              + (f"; this invocation: {hms(wall_seconds)}" if wall_seconds else ""), ""]
     if axes:
         lines += ["Grid: " + "; ".join(
             f"`{a}` = {', '.join(_label(v) for v in sorted(df[a].unique(), key=_sort_key))}" for a in axes), ""]
