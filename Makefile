@@ -52,13 +52,17 @@ lock: $(STAMP)
 
 install: $(STAMP)
 
+# the test files on TEST_WORKERS processes (pytest-xdist; each file stays in one process, in order: its module
+# fixtures are built once); TEST_WORKERS=0 runs them in this process, one after the other
+TEST_WORKERS ?= 2
+XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 test: EXTRAS = dev,cluster
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(XDIST)
 
 # everything that trains nothing (no stage's epoch runs: tests/conftest.py refuses one in a test not marked `trains`)
 test-fast: $(STAMP)
-	TSKD_TEST_NO_TRAINING=1 $(PY) -m pytest -q -m "not slow and not trains"
+	TSKD_TEST_NO_TRAINING=1 $(PY) -m pytest -q $(XDIST) -m "not slow and not trains"
 
 # nbval, smoke profile through TSKD_PROFILE/TSKD_DATA_ROOT/TSKD_RUN_DIR only, temporary folders, CPU: all five
 # notebooks in order, then 04 and 05 each alone on an empty run folder (tests/test_notebooks_alone.py; make test runs it too)

@@ -14,8 +14,21 @@ REPO = Path(__file__).resolve().parents[1]
 # the checkout (where CI keeps its copy); the tests are skipped when neither exists
 HC18 = Path(os.environ.get("TSKD_HC18_RAW") or REPO.parent / "shared" / "datasets" / "hc18")
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# make test runs the files on 2 processes (pytest-xdist): one thread each there, so that they share the 2 cores
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1))
 NO_TRAINING = "TSKD_TEST_NO_TRAINING"  # make test-fast: a test that runs a training epoch must be marked `trains`
+
+
+# The longest test files first (docs/benchmarks.md, "make test"): with the files shared between two processes
+# (pytest-xdist, --dist loadfile), a long file started last would leave the other process idle at the end.
+# The sort is stable: the order inside a file, and of the other files, is kept.
+LONGEST_FIRST = ("test_sweep_cluster.py", "test_pipeline.py", "test_notebooks_alone.py", "test_exact_resume.py",
+                 "test_learning.py", "test_notebook_core.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 @pytest.fixture(autouse=True)
