@@ -212,20 +212,35 @@ def test_profile_unets_build_with_attention_at_the_lowest_resolution(profile):
 
 
 @pytest.mark.trains
-def test_latent_diffusion_trains_an_autoencoder_and_samples_through_it(toy_data):
-    latent = {"diffusion.latent": True, "diffusion.sample_size": 32, "diffusion.vae_block_out_channels": [8, 16, 16],
-              "diffusion.vae_epochs": 3, "diffusion.block_out_channels": [16, 16]}
-    run = setup_run(toy_data.parent / "runs" / "latent", profile="smoke", dataset="toy", data_root=toy_data,
-                    n_labeled=6, seed=0, overrides=latent)
-    paths = S.generate(run)
-    pipe = S.load_pipeline(run)
-    assert type(pipe).__name__ == "LDMPipeline" and pipe.unet.config.sample_size == 8  # 32 px / 4
-    assert pipe.unet.config.in_channels == run.profile.diffusion.latent_channels
-    latents = S.encoded(pipe.vqvae, S.training_images(run), "cpu")
-    assert abs(float(latents.std()) - 1) < 0.05  # scaling_factor makes the training latents unit-variance
-    assert (run.synthetic_dir / "vae" / "done.json").is_file() and len(paths) == run.profile.diffusion.n_synthetic
-    cfg = run.profile.diffusion
-    again = S.sample(pipe.unet, pipe.scheduler.config, cfg.sampler, cfg.sampling_steps, run.seed, [0, 1],
-                     vae=pipe.vqvae)
-    assert again.shape == (2, 32, 32) and np.array_equal(np.stack([S.to_uint8(x, 32) for x in again]),
-                                                         _pixels(paths[:2]))
+def test_a_run_that_records_removed_settings_at_their_old_values_is_reused_whole(trained_run, tmp_path, capsys):
+    """Latent diffusion's settings were removed (config.RETIRED): a run folder written before, which records them at
+    the values every run had, is the same run (no drift, the DDPM stage reused); at another value it is not, and an
+    override naming one says what was removed."""
+    import shutil
+
+    from tskd_utils.config import RETIRED
+    from tskd_utils.io import write_json
+    from tskd_utils.runner import profile_drift
+    from tskd_utils.training import Stage
+
+    run, summary, _ = trained_run
+    old = tmp_path / "old_run"
+    shutil.copytree(run.dir, old)
+    retired = {k.split(".", 1)[1]: v for k, (v, _) in RETIRED.items()}
+    cfg, inputs_path = read_json(old / "config.json"), old / "synthetic" / "ddpm" / "inputs.json"
+    cfg["resolved_profile"]["diffusion"].update(retired)
+    write_json(old / "config.json", cfg)
+    inputs = read_json(inputs_path)
+    write_json(inputs_path, {**inputs, "diffusion": {**inputs["diffusion"], **retired}})
+    assert profile_drift(old, "smoke", {}) is None
+    again = setup_run(old, profile="smoke", dataset="toy", data_root=run.data_root, n_labeled=6, seed=0)
+    assert S.diffusion_training(again) == summary  # the finished model, reused: nothing retrained
+
+    cfg["resolved_profile"]["diffusion"]["latent"] = True  # a run that used the removed option is not this run
+    write_json(old / "config.json", cfg)
+    assert "diffusion.latent true -> null" in profile_drift(old, "smoke", {}).what
+    write_json(inputs_path, {**inputs, "diffusion": {**inputs["diffusion"], **retired, "latent": True}})
+    stage = Stage(inputs_path.parent, S._training_inputs(again, diffusion_loss), ignore=("loss",))
+    assert not stage.finished and "diffusion.latent (True -> None)" in capsys.readouterr().out
+    with pytest.raises(KeyError, match="diffusion.latent.*no longer exists.*latent diffusion"):
+        get_profile("smoke", {"diffusion.latent": True})

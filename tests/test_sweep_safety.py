@@ -178,8 +178,9 @@ def test_truncated_or_deleted_files_reexecute_from_their_notebook(tmp_path, fake
     student.write_bytes(whole[:-20])  # the header is whole, the tensor data is not
     code, log = _main(_args(fakes, out))
     assert code == 0, log
-    assert (f"[1/1] toy n_labeled=4 seed=0: students/ts_kd/student.safetensors is truncated ({len(whole) - 20} bytes "
-            f"of {len(whole)}) (kept as student.safetensors.corrupt-") in log
+    assert (f"[1/1] toy n_labeled=4 seed=0: students/ts_kd/student.safetensors is not a whole safetensors file "
+            f"({len(whole) - 20} bytes; Error while deserializing header: incomplete metadata, file not fully "
+            f"covered) (kept as student.safetensors.corrupt-") in log
     assert "re-executing from 04_distillation" in log
     assert fake_log(run)[5:] == ["04_distillation force=False", "05_evaluation force=False"]
     assert reproduce.check_run(run, ["ts_kd", "scratch"]) == []

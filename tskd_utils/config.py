@@ -16,7 +16,6 @@ import math
 import os
 import typing
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
-from pathlib import Path
 from typing import Any, Optional
 
 ENV_PREFIX = "TSKD_"
@@ -79,12 +78,6 @@ class DiffusionConfig:
     flip: bool = True  # random horizontal flips of the training images
     warmup_steps: int = 50
     ema_decay: float = 0.995
-    latent: bool = False  # latent diffusion: a small AutoencoderKL on the same images, the UNet in its latent space
-    vae_block_out_channels: tuple = (32, 64, 64)  # the autoencoder; len - 1 halvings (3 levels: 4x smaller latents)
-    latent_channels: int = 4
-    vae_epochs: int = 30
-    vae_lr: float = 1e-3
-    vae_kl_weight: float = 1e-6
     sampler: str = "ddim"  # ddim | dpm
     sampling_steps: int = 25
     sample_batch_size: int = 16
@@ -248,7 +241,7 @@ def _cpu() -> Profile:
             lora_targets=("qkv", "proj", "fc1", "fc2"), lora_stages=(2, 3), cache_prefix=True, prefix_dtype="bfloat16",
             augment=False, cached_augmentations=3, head_epochs=40, epochs=8, batch_size=4, lr=1e-3, warmup_epochs=1,
         ),
-        # pixel space at 64 px: the latent model (diffusion.latent) took 39 s per autoencoder epoch alone on HC18
+        # pixel space at 64 px (a latent model's autoencoder alone took 39 s per epoch on HC18: docs/benchmarks.md)
         diffusion=DiffusionConfig(
             n_synthetic=100, sample_size=64, block_out_channels=(16, 32, 64, 64), attention=True,
             beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction", epochs=60, batch_size=16, lr=1e-3,
@@ -377,10 +370,10 @@ _INF = float("inf")
 # finite; Optional[...] fields also take None.
 _POS = (0.0, 10.0, "above")
 RANGES: dict[str, tuple] = {
-    "epochs": (1, 100_000), "head_epochs": (1, 100_000), "vae_epochs": (1, 100_000),
+    "epochs": (1, 100_000), "head_epochs": (1, 100_000),
     "warmup_epochs": (0, 100_000), "warmup_steps": (0, 10_000_000), "steps_per_epoch": (0, 10_000_000),
     "batch_size": (1, 65_536), "sample_batch_size": (1, 65_536),
-    "lr": _POS, "head_lr": _POS, "vae_lr": _POS, "weight_decay": (0.0, 10.0), "max_grad_norm": (0.0, _INF, "above"),
+    "lr": _POS, "head_lr": _POS, "weight_decay": (0.0, 10.0), "max_grad_norm": (0.0, _INF, "above"),
     "image_size": (16, 4096), "input_size": (16, 4096), "sample_size": (8, 4096),
     "max_train": (1, _INF), "max_val": (1, _INF), "max_test": (1, _INF),
     "data.val_fraction": (0.0, 0.9, "above"), "data.test_fraction": (0.0, 0.9, "above"), "data.phantom_cases": (10, 1_000_000),
@@ -388,7 +381,7 @@ RANGES: dict[str, tuple] = {
     "lora_rank": (1, 4096), "lora_alpha": (0.0, 1e6, "above"), "lora_dropout": (0.0, 0.99), "cached_augmentations": (0, 1000),
     "head_channels": (1, 4096), "decoder_channels": (1, 4096),
     "n_synthetic": (0, 10_000_000), "layers_per_block": (1, 16), "train_timesteps": (2, 100_000),
-    "ema_decay": (0.0, 1.0), "latent_channels": (1, 64), "vae_kl_weight": (0.0, 1e6), "sampling_steps": (1, 100_000),
+    "ema_decay": (0.0, 1.0), "sampling_steps": (1, 100_000),
     "feature_weight": (0.0, 1e6), "output_weight": (0.0, 1e6), "temperature": (0.0, 1e3, "above"),
     "n_unlabeled": (0, _INF), "mae_mask_ratio": (0.0, 0.99), "mae_decoder_dim": (1, 4096),
     "mae_decoder_depth": (1, 64), "moco_temperature": (0.0, 1e3, "above"), "moco_momentum": (0.0, 1.0), "moco_dim": (1, 4096),
@@ -477,6 +470,8 @@ def apply_overrides(profile: Profile, overrides: Optional[dict] = None) -> Profi
     """Return a copy of ``profile`` with dotted-key overrides applied (``{"teacher.epochs": 3}``)."""
     profile = profile_from_dict(profile_to_dict(profile))
     for key, value in (overrides or {}).items():
+        if key in RETIRED:
+            raise KeyError(f"profile setting {key!r} no longer exists: it belonged to {RETIRED[key][1]}")
         parts = key.split(".")
         target = profile
         for part in parts[:-1]:
@@ -517,12 +512,33 @@ def profile_to_dict(profile: Profile) -> dict:
 
 LABEL_KEYS = ("name", "description")  # a profile's words, not its settings: no result depends on them
 
+# Settings this version no longer has, each with the value every profile gave it (``why``: what went with it). A run
+# folder that records one of them at that value (config.json, a stage's inputs.json) is unchanged by the removal:
+# the sweep's drift check and the stages' reuse leave it out, so nothing is trained again. Recorded at another value,
+# it still counts as a difference, and an override naming it gets an error saying what was removed.
+RETIRED = {key: (value, "latent diffusion (an AutoencoderKL under the DDPM), which no profile used: removed after "
+                        "commit 83a7a54") for key, value in {
+    "diffusion.latent": False, "diffusion.vae_block_out_channels": [32, 64, 64], "diffusion.latent_channels": 4,
+    "diffusion.vae_epochs": 30, "diffusion.vae_lr": 1e-3, "diffusion.vae_kl_weight": 1e-6}.items()}
+
+
+def is_retired(key: str, value: Any) -> bool:
+    """``key`` (dotted) is a removed setting and ``value`` (as read from JSON) the one every run used."""
+    return key in RETIRED and json.loads(json.dumps(value)) == RETIRED[key][0]
+
+
+def without_retired(node: Any, prefix: str = "") -> Any:
+    """Nested settings (a stage's inputs, a resolved profile) without the retired settings at their old value."""
+    if not isinstance(node, dict):
+        return node
+    return {k: without_retired(v, f"{prefix}{k}.") for k, v in node.items() if not is_retired(f"{prefix}{k}", v)}
+
 
 def flat_settings(node, prefix: str = "") -> dict:
     """A profile's settings, from the nested dict of config.json's ``resolved_profile``, as ``{"section.key":
     value}``; its name and description (LABEL_KEYS) are left out: no result depends on them."""
     if not isinstance(node, dict):
-        return {prefix: node}
+        return {} if is_retired(prefix, node) else {prefix: node}
     out = {}
     for key, value in node.items():
         if prefix or key not in LABEL_KEYS:
@@ -590,6 +606,6 @@ __all__ = [
     "DataConfig", "TeacherConfig", "DiffusionConfig", "StudentConfig", "DistillConfig", "FinetuneConfig",
     "SupervisedConfig",
     "EvalConfig", "Profile", "PROFILES", "get_profile", "apply_overrides", "profile_to_dict",
-    "profile_from_dict", "resolve_device", "env_default", "valid_keys", "replace", "check_profile", "RANGES",
+    "profile_from_dict", "without_retired", "RETIRED", "resolve_device", "env_default", "valid_keys", "replace", "check_profile", "RANGES",
     "CHOICES",
 ]

@@ -16,10 +16,6 @@ noise-prediction loss and a sampling loop); this module keeps the bookkeeping.
 * Data: the real images of the transfer set (the labeled cases and the unlabeled ones the run uses:
   the generator sees no image the student does not), letterboxed to ``data.image_size``, resized to
   ``sample_size`` (area), scaled to [-1, 1]; random horizontal flips. It learns the letterboxed frame.
-* Latent diffusion (``latent=True``): a small ``AutoencoderKL`` is trained first on the same images (L1
-  reconstruction + a small KL term, stage ``<run>/synthetic/vae``), the images are encoded once
-  (and their mirror images), and the UNet learns the scaled latents; samples are decoded by the
-  autoencoder (diffusers' ``LDMPipeline``). The UNet then works at a quarter of the resolution.
 * Sampling: diffusers' ``DDIMPipeline`` (eta 0; or DPM-Solver++ through ``DDPMPipeline``) with one
   generator per image seeded from (run seed, image index), in fixed batches, so the images do not
   depend on how often generation was interrupted. Samples are upsampled to ``data.image_size``
@@ -28,7 +24,6 @@ noise-prediction loss and a sampling loop); this module keeps the bookkeeping.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import shutil
 import time
@@ -55,52 +50,21 @@ SAMPLERS = ("ddim", "dpm")
 # ===================================================================================== models
 
 
-@contextlib.contextmanager
-def _quiet_diffusers():
-    """diffusers warns that LDMPipeline's ``vqvae`` is typed as a VQModel; an AutoencoderKL decodes the same way."""
-    from diffusers.utils import logging as dlogging
-
-    level = dlogging.get_verbosity()
-    dlogging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        dlogging.set_verbosity(level)
-
-
-
 def norm_groups(channels: Sequence[int]) -> int:
     """GroupNorm groups for the UNet: at least 4 channels per group, at most 32 groups."""
     return max(1, min(32, math.gcd(*channels) // 4))
 
 
-def latent_size(cfg: DiffusionConfig) -> int:
-    """The UNet's resolution: ``sample_size``, or the autoencoder's latent grid."""
-    return cfg.sample_size // 2 ** (len(cfg.vae_block_out_channels) - 1) if cfg.latent else cfg.sample_size
-
-
-def build_vae(cfg: DiffusionConfig):
-    """A small 1-channel ``AutoencoderKL`` (latent diffusion only)."""
-    from diffusers import AutoencoderKL
-
-    n = len(cfg.vae_block_out_channels)
-    return AutoencoderKL(in_channels=1, out_channels=1, down_block_types=("DownEncoderBlock2D",) * n,
-                         up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=tuple(cfg.vae_block_out_channels),
-                         latent_channels=cfg.latent_channels, norm_num_groups=norm_groups(cfg.vae_block_out_channels),
-                         sample_size=cfg.sample_size, mid_block_add_attention=False)
-
-
 def build_unet(cfg: DiffusionConfig):
-    """A ``UNet2DModel`` sized by the profile (attention at the lowest resolution if asked): 1 channel in pixel
-    space, ``latent_channels`` in latent space."""
+    """A 1-channel ``UNet2DModel`` sized by the profile (attention at the lowest resolution if asked)."""
     from diffusers import UNet2DModel
 
-    n, channels = len(cfg.block_out_channels), cfg.latent_channels if cfg.latent else 1
+    n = len(cfg.block_out_channels)
     down, up = ["DownBlock2D"] * n, ["UpBlock2D"] * n
     if cfg.attention:  # the last down block and the first up block work at the lowest resolution
         down[-1], up[0] = "AttnDownBlock2D", "AttnUpBlock2D"
     return UNet2DModel(
-        sample_size=latent_size(cfg), in_channels=channels, out_channels=channels, layers_per_block=cfg.layers_per_block,
+        sample_size=cfg.sample_size, in_channels=1, out_channels=1, layers_per_block=cfg.layers_per_block,
         block_out_channels=tuple(cfg.block_out_channels), down_block_types=tuple(down), up_block_types=tuple(up),
         add_attention=cfg.attention, norm_num_groups=norm_groups(cfg.block_out_channels),
     )
@@ -169,61 +133,12 @@ def _training_inputs(run: Run, loss_fn: Callable) -> dict:
             "image_size": run.profile.data.image_size, "loss": source_digest(loss_fn)}
 
 
-def _fit_vae(run: Run, stage: Stage, vae, data: torch.Tensor) -> list[dict]:
-    """Train the autoencoder: L1 reconstruction + ``vae_kl_weight`` x KL of the posterior, random flips."""
-    cfg, device = run.profile.diffusion, run.device
-    n, bs = data.shape[0], cfg.batch_size
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=cfg.weight_decay)
-    sched = warmup_cosine(opt, cfg.warmup_steps, cfg.vae_epochs * math.ceil(n / bs))
-    scaler = grad_scaler(device, False)
-
-    def train_epoch(epoch: int) -> dict:
-        vae.train()
-        order, total = torch.randperm(n), 0.0
-        for i in range(0, n, bs):
-            x = data[order[i:i + bs]].to(device)
-            x = torch.where((torch.rand(x.shape[0]) < 0.5).to(device)[:, None, None, None], x.flip(-1), x)
-            posterior = vae.encode(x).latent_dist
-            loss = (vae.decode(posterior.sample()).sample - x).abs().mean() + cfg.vae_kl_weight * posterior.kl().mean()
-            optimizer_step(loss, opt, scaler, sched, vae.parameters(), cfg.max_grad_norm)
-            total += loss.item() * x.shape[0]
-        return {"loss": total / n}
-
-    return stage.train({"vae": vae}, opt, cfg.vae_epochs, train_epoch, seed=run.seed_for("vae"), scheduler=sched)
-
-
-def train_vae(run: Run, data: torch.Tensor, force: bool = False):
-    """The latent-diffusion autoencoder of the run (resumable, reused while its inputs are unchanged), with
-    ``scaling_factor`` set so that the encoded training images have unit standard deviation."""
-    cfg = run.profile.diffusion
-    inputs = {k: v for k, v in _training_inputs(run, diffusion_loss).items() if k != "loss"}
-    stage = Stage(run.synthetic_dir / "vae", inputs, desc="autoencoder", force=force)
-    with seeded(run.seed_for("vae", "init")):
-        vae = build_vae(cfg).to(run.device)
-    if stage.finished:
-        stage.load_final({"vae": vae})
-    else:
-        _fit_vae(run, stage, vae, data)
-    vae.eval()
-    with torch.inference_mode():
-        mean = torch.cat([vae.encode(data[i:i + 16].to(run.device)).latent_dist.mean for i in range(0, len(data), 16)])
-    vae.register_to_config(scaling_factor=float(1.0 / mean.std()))
-    return vae
-
-
-def encoded(vae, data: torch.Tensor, device: str) -> torch.Tensor:
-    """Scaled posterior means of images in [-1, 1]: (N, C, h, w), what the latent UNet learns."""
-    with torch.inference_mode():
-        return torch.cat([vae.encode(data[i:i + 16].to(device)).latent_dist.mean.cpu() for i in
-                          range(0, len(data), 16)]) * vae.config.scaling_factor
-
-
 @dataclass
 class DiffusionTraining:
     """The DDPM stage ready for its loop: notebook 03 writes the loop out, :func:`train_diffusion` runs the same one
     (:func:`fit_diffusion`). ``noise_scheduler`` adds noise and defines the targets; ``ema`` holds the averaged
-    weights that are sampled from; :meth:`batches` is one shuffled pass over the training images (or latents), a
-    random half mirrored; :meth:`finish` saves the EMA pipeline and ``train.json``."""
+    weights that are sampled from; :meth:`batches` is one shuffled pass over the training images, a random half
+    mirrored; :meth:`finish` saves the EMA pipeline and ``train.json``."""
 
     run: Run
     stage: Stage
@@ -233,9 +148,7 @@ class DiffusionTraining:
     optimizer: torch.optim.Optimizer
     lr_scheduler: object
     scaler: object
-    data: torch.Tensor  # (N, 1, S, S) in [-1, 1], or latents (N, C, h, w)
-    mirrored: Optional[torch.Tensor] = None  # latent diffusion: the mirror images' own latents
-    vae: object = None
+    data: torch.Tensor  # (N, 1, S, S) in [-1, 1]
     started: float = 0.0
 
     @property
@@ -262,27 +175,24 @@ class DiffusionTraining:
             x0 = self.data[idx].to(device)
             if cfg.flip:
                 flip = (torch.rand(x0.shape[0]) < 0.5).to(device)[:, None, None, None]
-                x0 = torch.where(flip, x0.flip(-1) if self.mirrored is None else self.mirrored[idx].to(device), x0)
+                x0 = torch.where(flip, x0.flip(-1), x0)
             yield x0
 
     def finish(self) -> dict:
-        """Save the pipeline of the EMA weights (``DDPMPipeline``, or ``LDMPipeline`` with the autoencoder) and the
-        stage's summary (``train.json``, returned)."""
-        from diffusers import DDPMPipeline, LDMPipeline
+        """Save the pipeline of the EMA weights (``DDPMPipeline``) and the stage's summary (``train.json``,
+        returned)."""
+        from diffusers import DDPMPipeline
 
         cfg, out, history = self.run.profile.diffusion, self.run.synthetic_dir, self.stage.history
         ema_unet = build_unet(cfg)
         self.ema.copy_to(ema_unet.parameters())
         tmp = out / f".{PIPELINE_DIR}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        with _quiet_diffusers():
-            pipe = DDPMPipeline(unet=ema_unet.eval(), scheduler=self.noise_scheduler) if self.vae is None else \
-                LDMPipeline(vqvae=self.vae.to("cpu").eval(), unet=ema_unet.eval(), scheduler=self.noise_scheduler)
-        pipe.save_pretrained(str(tmp))
+        DDPMPipeline(unet=ema_unet.eval(), scheduler=self.noise_scheduler).save_pretrained(str(tmp))
         shutil.rmtree(out / PIPELINE_DIR, ignore_errors=True)
         tmp.rename(out / PIPELINE_DIR)
         done = read_json(self.stage.done_path)
-        summary = {"n_train_images": len(self.data), "sample_size": cfg.sample_size, "latent": cfg.latent,
+        summary = {"n_train_images": len(self.data), "sample_size": cfg.sample_size,
                    "epochs": cfg.epochs, "batch_size": cfg.batch_size,
                    "steps": cfg.epochs * math.ceil(len(self.data) / cfg.batch_size),
                    "parameters": count_parameters(self.unet), "device": self.run.device,
@@ -316,14 +226,11 @@ def diffusion_training(run: Run, force: bool = False, loss_fn: Optional[Callable
     started = time.perf_counter()
     with seeded(run.seed_for("ddpm", "init")):
         unet = build_unet(cfg).to(run.device)
-    data, mirrored, vae = training_images(run), None, None
-    if cfg.latent:  # the UNet learns the autoencoder's latents of the images and of their mirror images
-        vae = train_vae(run, data)
-        data, mirrored = encoded(vae, data, run.device), encoded(vae, data.flip(-1), run.device)
+    data = training_images(run)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = warmup_cosine(opt, cfg.warmup_steps, cfg.epochs * math.ceil(len(data) / cfg.batch_size))
     return DiffusionTraining(run, stage, unet, build_scheduler(cfg), EMAModel(unet.parameters(), decay=cfg.ema_decay),
-                             opt, sched, grad_scaler(run.device, cfg.amp), data, mirrored, vae, started)
+                             opt, sched, grad_scaler(run.device, cfg.amp), data, started)
 
 
 def fit_diffusion(ddpm: DiffusionTraining, loss_fn: Optional[Callable] = None) -> dict:
@@ -354,27 +261,20 @@ def train_diffusion(run: Run, force: bool = False, loss_fn: Optional[Callable] =
 
 
 def load_pipeline(run: Run):
-    """The saved pipeline (EMA UNet + training scheduler; ``LDMPipeline`` with its autoencoder as ``vqvae`` for
-    latent diffusion), loaded offline from the run folder."""
+    """The saved pipeline (EMA UNet + training scheduler), loaded offline from the run folder."""
     from diffusers import DiffusionPipeline
 
     path = run.synthetic_dir / PIPELINE_DIR
     if not (path / "model_index.json").is_file():
         raise FileNotFoundError(f"no diffusion pipeline in {path}: run tskd_utils.generation.train_diffusion "
                                 f"(notebook 03) first")
-    with _quiet_diffusers():
-        pipe = DiffusionPipeline.from_pretrained(str(path), local_files_only=True)
+    pipe = DiffusionPipeline.from_pretrained(str(path), local_files_only=True)
     pipe.unet.eval()
     return pipe
 
 
 def to_pixels(pipe, x: torch.Tensor) -> np.ndarray:
-    """A sample (or an intermediate x_t) of ``pipe`` as (B, S, S) images in [0, 1]: decoded by the autoencoder
-    in latent diffusion, else mapped from [-1, 1]."""
-    vae = getattr(pipe, "vqvae", None)
-    if vae is not None:
-        with torch.inference_mode():
-            x = vae.decode(x.to(vae.device) / vae.config.scaling_factor).sample
+    """A sample (or an intermediate x_t) of ``pipe`` as (B, S, S) images in [0, 1] (mapped from [-1, 1])."""
     return ((x.float().clamp(-1, 1) + 1) / 2)[:, 0].cpu().numpy()
 
 
@@ -391,28 +291,20 @@ def generators(seed: int, indices: Sequence[int]) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(image_seed(seed, i)) for i in indices]
 
 
-def initial_noise(seed: int, indices: Sequence[int], size: int, channels: int = 1) -> torch.Tensor:
-    """x_T of the given images, (B, C, S, S), as the pipelines draw it from :func:`generators`."""
-    return torch.cat([torch.randn((1, channels, size, size), generator=g) for g in generators(seed, indices)])
+def initial_noise(seed: int, indices: Sequence[int], size: int) -> torch.Tensor:
+    """x_T of the given images, (B, 1, S, S), as the pipelines draw it from :func:`generators`."""
+    return torch.cat([torch.randn((1, 1, size, size), generator=g) for g in generators(seed, indices)])
 
 
 @torch.inference_mode()
 def sample(unet, scheduler_config, sampler: str, steps: int, seed: int, indices: Sequence[int],
-           device: str = "cpu", vae=None) -> np.ndarray:
-    """Images ``indices`` in one batch through diffusers' pipeline (``LDMPipeline`` when an autoencoder
-    ``vae`` is given): float32 (B, S, S) in [0, 1]."""
-    from diffusers import DDIMPipeline, DDPMPipeline, LDMPipeline
+           device: str = "cpu") -> np.ndarray:
+    """Images ``indices`` in one batch through diffusers' pipeline: float32 (B, S, S) in [0, 1]."""
+    from diffusers import DDIMPipeline, DDPMPipeline
 
     sched = sampling_scheduler(sampler, scheduler_config)
     kwargs = {"eta": 0.0} if sampler == "ddim" else {}
     gens = generators(seed, indices)
-    if vae is not None:
-        with _quiet_diffusers():
-            pipe = LDMPipeline(vqvae=vae, unet=unet, scheduler=sched).to(device)
-        pipe.set_progress_bar_config(disable=True)
-        images = pipe(batch_size=len(indices), generator=gens, num_inference_steps=steps, output_type="np",
-                      **kwargs).images
-        return np.ascontiguousarray(images[..., 0], dtype=np.float32)
     pipe = (DDIMPipeline if sampler == "ddim" else DDPMPipeline)(unet=unet, scheduler=sched).to(device)
     pipe.set_progress_bar_config(disable=True)
     images = pipe(batch_size=len(indices), generator=gens, num_inference_steps=steps, output_type="pt",
@@ -454,7 +346,7 @@ def _sample_missing(run: Run, paths: list[Path], batches: list[list[int]]) -> No
                unit="img", dynamic_ncols=True)
     for b in batches:
         for i, im in zip(b, sample(unet, pipe.scheduler.config, cfg.sampler, cfg.sampling_steps, run.seed, b,
-                                   run.device, getattr(pipe, "vqvae", None))):
+                                   run.device)):
             if paths[i].is_file():  # the batch is sampled whole (same images); only missing files are written
                 continue
             tmp = paths[i].with_name(f".{paths[i].name}.tmp")

@@ -38,6 +38,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+from .config import without_retired
 from .io import DataError, read_json, save_safetensors, sha256sum, write_json
 
 STOP_ENV = "TSKD_STOP_AFTER_EPOCH"  # fault injection for tests: "<stage dir name>:<epoch>"
@@ -279,7 +280,8 @@ class Stage:
     """A resumable, checkpointed epoch loop in ``directory`` that knows what it was trained from.
 
     ``inputs`` (JSON-able: digests and settings) are compared with those recorded by an earlier
-    run in the folder; a difference resets the stage with a printed reason. Use :attr:`finished`
+    run in the folder (settings this version removed, recorded at the value every run had, are left out:
+    ``config.RETIRED``); a difference resets the stage with a printed reason. Use :attr:`finished`
     to skip preparing data for a stage that will be reused, then :meth:`load_final`; else write the
     loop over :meth:`epochs` (or pass the epoch's body to :meth:`train`).
     """
@@ -322,7 +324,7 @@ class Stage:
     def stale_reason(self) -> Optional[str]:
         if not self.inputs_path.is_file():
             return "no record of its inputs" if self.done_path.is_file() else None
-        recorded = {k: v for k, v in read_json(self.inputs_path).items() if k not in self.ignore}
+        recorded = {k: v for k, v in without_retired(read_json(self.inputs_path)).items() if k not in self.ignore}
         if recorded == {k: v for k, v in self.inputs.items() if k not in self.ignore}:
             if self.done_path.is_file() and not self.final_path.is_file():
                 return f"{self.final_path.name} is missing"
