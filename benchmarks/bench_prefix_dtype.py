@@ -12,7 +12,7 @@ import time
 import numpy as np
 import torch
 
-from tskd_utils import features
+from tskd_utils import features, training
 from tskd_utils.models import build_teacher
 
 
@@ -23,7 +23,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    features.cpu_bf16_supported = lambda: True  # bf16 itself, not the fallback
+    training.cpu_bf16_supported = lambda: True  # bf16 itself, not the fallback
     enc = build_teacher("litemedsam", args.size, pretrained=True).eval()
     enc.set_split([args.split])
     imgs = np.random.default_rng(0).integers(0, 255, (2, args.size, args.size), dtype=np.uint8)

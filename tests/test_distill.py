@@ -128,7 +128,7 @@ def test_compute_dtype_names_a_bad_value_and_falls_back_where_bf16_is_missing(mo
         training.compute_dtype("cpu", "float16")
     assert training.compute_dtype("cuda", "bfloat16") == "float16"
     monkeypatch.setattr(training, "cpu_bf16_supported", lambda: False)
-    monkeypatch.setattr(training, "_BF16_WARNED", [])
+    monkeypatch.setattr(training, "_BF16_WARNED", set())
     with pytest.warns(UserWarning, match="no bfloat16 instructions"):
         assert training.compute_dtype("cpu", "bfloat16") == "float32"
     assert training.compute_dtype("cpu", "float32") == "float32"

@@ -103,7 +103,7 @@ def test_an_out_that_cannot_be_written_is_refused_before_any_work(kind, fake_mod
         raise AssertionError("a model was loaded for an --out that cannot be written")
 
     monkeypatch.setattr(predict, "load_segmenter", no_work)
-    monkeypatch.setattr(export, "load_model", no_work)
+    monkeypatch.setattr(export, "trained_model", no_work)
     for command in (lambda: predict_cli(images, out),
                     lambda: export.main(["--run", str(run_folder(tmp_path)), "--out", str(out)])):
         status, err = command(), capsys.readouterr().err

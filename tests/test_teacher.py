@@ -190,9 +190,9 @@ def test_feature_cache_survives_two_writers_of_one_entry(tmp_path, monkeypatch):
 
 
 def test_bfloat16_prefix_is_close_to_float32(monkeypatch):
-    from tskd_utils import features
+    from tskd_utils import features, training
 
-    monkeypatch.setattr(features, "cpu_bf16_supported", lambda: True)  # bf16 itself (emulated where missing)
+    monkeypatch.setattr(training, "cpu_bf16_supported", lambda: True)  # bf16 itself (emulated where missing)
 
     enc = freeze(build_teacher("tiny", 32))
     enc.set_split([1])
@@ -283,10 +283,10 @@ def test_bf16_prefix_only_where_the_cpu_has_it(monkeypatch):
     """bfloat16 on a CPU without bf16 instructions is emulated (10x slower here): float32, with one warning."""
     import warnings
 
-    from tskd_utils import features
+    from tskd_utils import features, training
 
-    monkeypatch.setattr(features, "_BF16_WARNED", [])
-    monkeypatch.setattr(features, "cpu_bf16_supported", lambda: False)
+    monkeypatch.setattr(training, "_BF16_WARNED", set())
+    monkeypatch.setattr(training, "cpu_bf16_supported", lambda: False)
     with pytest.warns(UserWarning, match="no bfloat16 instructions.*float32"):
         assert features.effective_prefix_dtype("bfloat16", "cpu") == "float32"
     with warnings.catch_warnings():
@@ -294,7 +294,7 @@ def test_bf16_prefix_only_where_the_cpu_has_it(monkeypatch):
         assert features.effective_prefix_dtype("bfloat16", "cpu") == "float32"
     assert features.effective_prefix_dtype("bfloat16", "cuda") == "bfloat16"
     assert features.effective_prefix_dtype("float32", "cpu") == "float32"
-    monkeypatch.setattr(features, "cpu_bf16_supported", lambda: True)
+    monkeypatch.setattr(training, "cpu_bf16_supported", lambda: True)
     assert features.effective_prefix_dtype("bfloat16", "cpu") == "bfloat16"
     with pytest.raises(KeyError, match="unknown teacher.prefix_dtype 'fp8'"):
         features.effective_prefix_dtype("fp8", "cpu")

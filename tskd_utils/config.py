@@ -19,6 +19,9 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from typing import Any, Optional
 
 ENV_PREFIX = "TSKD_"
+# the pipeline's notebooks (notebooks/<name>.ipynb), in the order a run executes them
+NOTEBOOKS = ("01_data_preparation", "02_teacher_lora_finetuning", "03_diffusion_synthesis", "04_distillation",
+             "05_evaluation")
 
 
 @dataclass
@@ -605,7 +608,7 @@ def env_default(name: str, default: Any) -> Any:
 __all__ = [
     "DataConfig", "TeacherConfig", "DiffusionConfig", "StudentConfig", "DistillConfig", "FinetuneConfig",
     "SupervisedConfig",
-    "EvalConfig", "Profile", "PROFILES", "get_profile", "apply_overrides", "profile_to_dict",
+    "EvalConfig", "Profile", "PROFILES", "NOTEBOOKS", "get_profile", "apply_overrides", "profile_to_dict",
     "profile_from_dict", "without_retired", "RETIRED", "resolve_device", "env_default", "valid_keys", "replace", "check_profile", "RANGES",
     "CHOICES",
 ]

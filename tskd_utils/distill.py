@@ -42,7 +42,7 @@ from .features import (FeatureCache, images_to_tensor, run_prefix_dtype, run_suf
 from .generation import synthetic_paths
 from .io import read_image, read_json, read_mask, save_safetensors, write_json
 from .losses import kd_loss, segmentation_loss
-from .metrics import mean_foreground_dice
+from .metrics import validation_dice
 from .pretrain import MoCoV3, build_mim
 from .run import METHODS, Run, check_methods  # noqa: F401 (distill.METHODS)
 from .training import (Stage, autocast, compute_dtype, file_digest, grad_scaler, load_weights, optimizer_step, save_weights, seeded,
@@ -256,7 +256,7 @@ class Pretraining:
             return {}
         if self.val_set is None:
             self.val_set = SegmentationDataset(self.run.info, self.run.splits["val"], self.run.profile.data.image_size)
-        return {"val_dice": val_dice(self.student, self.val_set, self.run.device,
+        return {"val_dice": student_val_dice(self.student, self.val_set, self.run.device,
                                      self.run.profile.finetune.batch_size)}
 
     def finish(self) -> dict:
@@ -437,14 +437,12 @@ def _dice(pred: torch.Tensor, ref: torch.Tensor) -> float:
 # -------------------------------------------------------------------------------- fine-tuning
 
 
-def val_dice(model: nn.Module, ds: SegmentationDataset, device: str, batch_size: int) -> float:
+def student_val_dice(model: nn.Module, ds: SegmentationDataset, device: str, batch_size: int) -> float:
+    """:func:`tskd_utils.metrics.validation_dice` of a student on a (not augmented) dataset."""
     model.eval()
-    scores = []
-    with torch.inference_mode():
-        for batch in loader(ds, batch_size, shuffle=False):
-            pred = model(batch["image"].to(device)).argmax(1).cpu()
-            scores.append(mean_foreground_dice(pred, batch["mask"], ds.info.n_classes))
-    return float(torch.cat(scores).mean())
+    masks = torch.stack([ds[i]["mask"] for i in range(len(ds))])
+    return validation_dice(lambda idx: model(torch.stack([ds[i]["image"] for i in idx]).to(device)), masks,
+                           ds.info.n_classes, batch_size)
 
 
 def finetune(run: Run, method: str, force: bool = False) -> dict:
@@ -489,7 +487,7 @@ def finetune(run: Run, method: str, force: bool = False) -> dict:
         return {"loss": total / max(count, 1)}
 
     hist = stage.train({"student": student}, opt, f.epochs, epoch_fn,
-                       lambda: {"val_dice": val_dice(student, val_ds, device, f.batch_size)},
+                       lambda: {"val_dice": student_val_dice(student, val_ds, device, f.batch_size)},
                        seed=run.seed_for("finetune", method), scheduler=sched, scaler=scaler, monitor="val_dice")
     arch = "monai_unet" if method == SUPERVISED else prof.student.name
     save_weights(method_dir(run, method) / "student.safetensors", {"student": student},

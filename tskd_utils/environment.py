@@ -36,12 +36,10 @@ from pathlib import Path
 from typing import Optional
 
 from . import REPO_ROOT, __version__
-from .config import MACHINES
+from .config import MACHINES, NOTEBOOKS
 
 REPO_URL = "https://github.com/tskd-project/tskd"  # the repository (badges; the setup cell clones REPO_URL + ".git")
 RELEASE = f"v{__version__}"  # the git tag the badges open and the setup cell installs
-NOTEBOOKS = ("01_data_preparation", "02_teacher_lora_finetuning", "03_diffusion_synthesis", "04_distillation",
-             "05_evaluation")
 PLATFORMS = ("colab", "kaggle", "binder", "local")
 DRIVE_MOUNT = Path("/content/drive")
 DRIVE_FOLDER = DRIVE_MOUNT / "MyDrive" / "tskd"  # data/ and runs/ there when drive=True on Colab

@@ -14,7 +14,6 @@ Writes ``metrics/per_case.csv`` (one row per method, case and class), ``metrics/
 from __future__ import annotations
 
 import csv
-import time
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -25,7 +24,7 @@ from tqdm.auto import tqdm
 # the prediction helpers live in checkpoints.py; named here too for notebook 05 and older callers
 from .checkpoints import load_model, selected_variant, student_logits, teacher_logits, to_label_map  # noqa: F401
 from .io import RESULT_COLUMNS, load_case, read_mask, safe_join, write_json, write_png
-from .metrics import case_metrics, mean_foreground_dice, nanmean
+from .metrics import case_metrics, mean_foreground_dice, median_ms, nanmean
 from .run import Run, check_methods
 from .stats import case_scores, format_interval, paired_comparisons
 
@@ -48,26 +47,17 @@ def count_flops(model: torch.nn.Module, example: torch.Tensor) -> Optional[int]:
 
 def latency_ms(model: torch.nn.Module, example: torch.Tensor, repeats: int = 20, warmup: int = 3,
                budget_s: float = 8.0) -> float:
-    """Median wall time of a batch-1 forward pass, after warm-up (CUDA: synchronised).
+    """Median wall time of a batch-1 forward pass, after warm-up (CUDA: synchronised); slow models get fewer
+    repeats (at least 5) so that one measurement takes about ``budget_s`` (:func:`tskd_utils.metrics.median_ms`)."""
+    sync = torch.cuda.synchronize if example.device.type == "cuda" else (lambda: None)
 
-    Slow models get fewer repeats (at least 5) so that one measurement takes about ``budget_s``.
-    """
-    cuda = example.device.type == "cuda"
-
-    def once() -> float:
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
+    def forward() -> None:
         model(example)
-        if cuda:
-            torch.cuda.synchronize()
-        return (time.perf_counter() - t0) * 1000
+        sync()
 
     with torch.inference_mode():
-        first = min(once() for _ in range(max(1, warmup)))
-        repeats = max(5, min(repeats, int(budget_s * 1000 / max(first, 1e-3))))
-        times = [once() for _ in range(repeats)]
-    return float(np.median(times))
+        sync()
+        return median_ms(forward, repeats, warmup, budget_s)
 
 
 def efficiency(model: torch.nn.Module, input_size: int, run: Run) -> dict:

@@ -40,7 +40,6 @@ import os
 import platform
 import shutil
 import sys
-import time
 import uuid
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -49,8 +48,9 @@ import numpy as np
 import torch
 
 from .io import DataError, check_writable_dir, sha256sum, write_json
+from .metrics import median_ms
 from .modelcard import write_model_card
-from .predict import find_inputs, label_map, load_model, model_input, onnx_forward, onnx_session, open_run, \
+from .predict import find_inputs, label_map, model_input, onnx_forward, onnx_session, open_run, trained_model, \
     to_gray_uint8, torch_forward
 
 ONNX_NAME, PARITY_NAME, CARD_NAME = "model.onnx", "parity.json", "MODEL_CARD.md"
@@ -175,18 +175,6 @@ def parity_check(model: torch.nn.Module, session, images: Sequence[np.ndarray], 
 # ------------------------------------------------------------------------------- latency
 
 
-def median_ms(fn: Callable[[], object], repeats: int = 30, warmup: int = 3, budget_s: float = 4.0) -> float:
-    """Median wall time of ``fn()`` in ms after ``warmup`` calls; slow calls get fewer repeats (at least 3)."""
-    def once() -> float:
-        t0 = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t0) * 1000
-
-    first = min(once() for _ in range(max(1, warmup)))
-    repeats = max(3, min(repeats, int(budget_s * 1000 / max(first, 1e-3))))
-    return float(np.median([once() for _ in range(repeats)]))
-
-
 def machine_info() -> dict:
     """CPU model, cores, threads used and the load average when measured (shared machines vary)."""
     cpu = platform.processor() or platform.machine()
@@ -209,8 +197,9 @@ def measure_latency(model: torch.nn.Module, session, size: int, batch: int = 1) 
     x = torch.rand(batch, 1, size, size)
     torch_fn, onnx_fn = torch_forward(model, "cpu"), onnx_forward(session)
     machine = machine_info()  # the load before measuring
-    out = {"batch": batch, "torch_ms": median_ms(lambda: torch_fn(x.numpy())),
-           "onnxruntime_ms": median_ms(lambda: onnx_fn(x.numpy())), "onnxruntime": ort.__version__}
+    timed = dict(repeats=30, warmup=3, budget_s=4.0, min_repeats=3)
+    out = {"batch": batch, "torch_ms": median_ms(lambda: torch_fn(x.numpy()), **timed),
+           "onnxruntime_ms": median_ms(lambda: onnx_fn(x.numpy()), **timed), "onnxruntime": ort.__version__}
     out["onnx_speedup"] = out["torch_ms"] / out["onnxruntime_ms"]
     return {**out, "machine": machine}
 
@@ -247,7 +236,7 @@ def export_student(run, method: str = "ts_kd", out="export", overwrite: bool = F
     existing = [p for p in targets if p.exists()] if not overwrite else []
     if existing:
         raise FileExistsError(f"{existing[0]} already exists; pass --overwrite (overwrite=True) to replace it")
-    model, size = load_model(run, method, "cpu"), run.profile.data.image_size
+    model, size = trained_model(run, method, "cpu"), run.profile.data.image_size
     bad = sum(int((~torch.isfinite(p.detach())).sum()) for p in model.parameters())
     if bad:
         raise DataError(f"{method} of {run.dir}: {bad} of its weights are NaN or inf (its training diverged); "

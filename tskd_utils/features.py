@@ -17,7 +17,6 @@ bottom/right) and the teacher normalises **the image itself**, not the padding
 from __future__ import annotations
 
 import hashlib
-import warnings
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -29,7 +28,7 @@ from tqdm.auto import tqdm
 
 from .data import letterbox, letterbox_valid
 from .io import DataError, safe_join, save_safetensors
-from .training import cpu_bf16_supported
+from .training import cpu_bf16_or_float32
 
 PREFIX_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
 
@@ -100,9 +99,6 @@ def valid_tensor(valid: Optional[Sequence[tuple]], device: str) -> Optional[torc
         [tuple(v) for v in valid], dtype=torch.long, device=device)
 
 
-_BF16_WARNED: list = []  # the fallback warning is given once per process
-
-
 def effective_prefix_dtype(dtype: str, device: str) -> str:
     """The type the prefix really runs in: ``teacher.prefix_dtype``, except bfloat16 on a CPU without bfloat16
     instructions (AVX512-BF16, AMX), where it is emulated and many times slower than float32 (the demo's prefix,
@@ -110,13 +106,8 @@ def effective_prefix_dtype(dtype: str, device: str) -> str:
     there, with a warning. The caches are named by it."""
     if dtype not in PREFIX_DTYPES:
         raise KeyError(f"unknown teacher.prefix_dtype {dtype!r}; choose one of: {', '.join(PREFIX_DTYPES)}")
-    if dtype == "bfloat16" and torch.device(device).type == "cpu" and not cpu_bf16_supported():
-        if not _BF16_WARNED:
-            _BF16_WARNED.append(True)
-            warnings.warn("teacher.prefix_dtype='bfloat16' asked for, but this CPU has no bfloat16 instructions "
-                          "(emulated bf16 is several times slower): the teacher's prefix runs in float32; its "
-                          "features, and the results, may differ slightly from a bf16 CPU's", stacklevel=2)
-        return "float32"
+    if dtype == "bfloat16" and torch.device(device).type == "cpu":
+        return cpu_bf16_or_float32("teacher.prefix_dtype", "the teacher's prefix runs")
     return dtype
 
 

@@ -420,7 +420,7 @@ def training_history(run: Run) -> list[dict]:
 # ============================================================================ the noise schedule
 
 
-def noise_schedule(run: Run) -> np.ndarray:
+def alphas_cumprod(run: Run) -> np.ndarray:
     """alpha-bar_t (the signal fraction kept at step t) of the training schedule."""
     return build_scheduler(run.profile.diffusion).alphas_cumprod.numpy()
 

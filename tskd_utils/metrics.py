@@ -12,7 +12,8 @@ A case's score is the mean over foreground classes; a method's score is the mean
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+import time
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -38,6 +39,18 @@ def dice_per_class(pred: torch.Tensor, target: torch.Tensor, n_classes: int) -> 
 def mean_foreground_dice(pred: torch.Tensor, target: torch.Tensor, n_classes: int) -> torch.Tensor:
     """(B,) Dice per case, averaged over foreground classes."""
     return dice_per_class(pred, target, n_classes).mean(dim=1)
+
+
+def validation_dice(logits_of: Callable[[list], torch.Tensor], masks: torch.Tensor, n_classes: int,
+                    batch_size: int) -> float:
+    """Mean foreground Dice over validation cases, the score every stage keeps its best epoch by; ``logits_of(indices)``
+    predicts a batch of them (consecutive indices, ``batch_size`` at a time)."""
+    scores = []
+    with torch.inference_mode():
+        for i in range(0, len(masks), batch_size):
+            idx = list(range(i, min(i + batch_size, len(masks))))
+            scores.append(mean_foreground_dice(logits_of(idx).argmax(1).cpu(), masks[idx], n_classes))
+    return float(torch.cat(scores).mean())
 
 
 def case_metrics(pred: np.ndarray, target: np.ndarray, n_classes: int,
@@ -72,3 +85,17 @@ def case_metrics(pred: np.ndarray, target: np.ndarray, n_classes: int,
 def nanmean(values: Sequence[float]) -> float:
     vals = [v for v in values if v is not None and not math.isnan(v)]
     return float(np.mean(vals)) if vals else float("nan")
+
+
+def median_ms(fn: Callable[[], object], repeats: int = 20, warmup: int = 3, budget_s: float = 8.0,
+              min_repeats: int = 5) -> float:
+    """Median wall time of ``fn()`` in ms after ``warmup`` calls. Slow calls get fewer repeats (at least
+    ``min_repeats``) so that one measurement takes about ``budget_s``."""
+    def once() -> float:
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1000
+
+    first = min(once() for _ in range(max(1, warmup)))
+    repeats = max(min_repeats, min(repeats, int(budget_s * 1000 / max(first, 1e-3))))
+    return float(np.median([once() for _ in range(repeats)]))

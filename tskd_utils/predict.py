@@ -320,7 +320,7 @@ def open_run(run):
         raise DataError(f"{cfg_path}: {e.args[0] if isinstance(e, KeyError) and e.args else e}") from None
 
 
-def load_model(run, method: str, device: str) -> torch.nn.Module:
+def trained_model(run, method: str, device: str) -> torch.nn.Module:
     """The trained student of ``method`` (or the LoRA teacher for ``teacher``), in eval mode.
 
     A method the run has not trained, or an unknown id, is a :class:`DataError` naming the run.
@@ -337,7 +337,7 @@ def load_model(run, method: str, device: str) -> torch.nn.Module:
 
 def _torch_segmenter(run, method: str, device: Optional[str]) -> Segmenter:
     device = device or run.device
-    model = load_model(run, method, device)
+    model = trained_model(run, method, device)
     if method == "teacher":  # run live on the image: no prefix cache is read or written
         return Segmenter(f"teacher ({run.profile.teacher.name} + LoRA, torch)", run.profile.teacher.input_size,
                          torch_forward(model, device))

@@ -352,7 +352,7 @@ def _ints(text: str, what: str = "value", minimum: int = 0) -> list[int]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _minutes(text: str) -> int:
+def _slurm_minutes(text: str) -> int:
     """SLURM time: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS -> whole minutes (rounded up)."""
     t = str(text).strip()
     try:
@@ -413,7 +413,7 @@ def _parser() -> argparse.ArgumentParser:
                    "default: $RAY_ADDRESS, else a Ray runtime started on this machine")
     g = ap.add_argument_group("slurm (through submitit)")
     g.add_argument("--slurm-partition", default=None, help="the SLURM partition (sbatch --partition)")
-    g.add_argument("--slurm-time", type=_minutes, default=None,
+    g.add_argument("--slurm-time", type=_slurm_minutes, default=None,
                    help="time limit per run (minutes or HH:MM:SS; default by profile: " + ", ".join(
                        f"{p} {_hours(m.slurm_minutes)}" for p, m in MACHINES.items()) + ")")
     g.add_argument("--slurm-mem-gb", type=int, default=None, help="memory per run in GB (sbatch --mem)")

@@ -20,12 +20,10 @@ from typing import Iterator, Optional, Sequence
 
 from safetensors import SafetensorError, safe_open
 
-from .config import flat_settings, get_profile, profile_to_dict
+from .config import NOTEBOOKS, flat_settings, get_profile, profile_to_dict
 from .io import RESULT_COLUMNS, DataError, read_json, write_json
 from .sweep_report import hms as _fmt
 
-NOTEBOOKS = ("01_data_preparation", "02_teacher_lora_finetuning", "03_diffusion_synthesis", "04_distillation",
-             "05_evaluation")
 WITH_METHODS = ("04_distillation", "05_evaluation")
 EXECUTORS = ("local", "ray", "slurm")
 LOCK_FILE = ".sweep.lock"  # filelock (flock) on this file while a sweep executes the run

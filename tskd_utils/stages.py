@@ -31,7 +31,7 @@ NEEDS_TEACHER = ("ts_kd", "ts_kd_nosyn", "ta_kd")  # their pretraining distills 
 NEEDS_SYNTHETIC = ("ts_kd", "ta_kd", "mae", "mocov3")  # their transfer set includes the synthetic images
 
 
-def _minutes(m: float) -> str:
+def _fmt_minutes(m: float) -> str:
     if m < 1:
         return "under a minute"
     return f"about {m:.0f} min" if m < 90 else f"about {m / 60:.1f} h"
@@ -42,7 +42,7 @@ def estimate(run: Run, stage: str, count: int = 1) -> str:
     m = MACHINES.get(run.profile.name)
     if m is None or m.minutes.get(stage) is None:
         return f"no time estimate for the {run.profile.name!r} profile"
-    text = f"{_minutes(m.minutes[stage] * count)} {m.where} in the {run.profile.name} profile"
+    text = f"{_fmt_minutes(m.minutes[stage] * count)} {m.where} in the {run.profile.name} profile"
     if not m.measured:
         text += " (a rough guess, not measured yet)"
     if m.gpu and not run.device.startswith("cuda"):

@@ -165,7 +165,7 @@ def _method_order(methods) -> list:
     return [m for m in METHOD_ORDER if m in present] + sorted(set(present) - set(METHOD_ORDER))
 
 
-def paired_table(runs: list, axes: Sequence[str], reference: str = REFERENCE):
+def paired_over_runs(runs: list, axes: Sequence[str], reference: str = REFERENCE):
     """One row per (dataset, profile, n_labeled, grid setting, other method): ts_kd minus that method."""
     import pandas as pd
 
@@ -241,7 +241,7 @@ def aggregate(out: Path, profile: str = "", command: str = "", failures: Sequenc
         frames.append(df)
     df = pd.concat(frames, ignore_index=True)
     _write_csv(out / "results.csv", df[RESULT_COLUMNS + axes])
-    paired = paired_table(runs, axes)
+    paired = paired_over_runs(runs, axes)
     _write_csv(out / "paired.csv", paired)
     lines = _header(df, axes, runs, folders, notes, profile, command, wall_seconds)
     groups = sorted(df.groupby(GROUP).groups, key=lambda g: tuple(map(str, g)))

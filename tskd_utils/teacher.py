@@ -34,7 +34,7 @@ from .checkpoints import (VARIANTS, build_encoder, load_teacher, predict_cases, 
 from .features import images_to_tensor, run_prefix_dtype, teacher_prefix, valid_tensor
 from .io import write_json
 from .losses import segmentation_loss
-from .metrics import mean_foreground_dice
+from .metrics import validation_dice
 from .models import TeacherEncoder, TeacherSegmenter, bn_eval, build_head, freeze
 from .run import Run
 from .training import (StateOf, Stage, autocast, file_digest, grad_scaler, optimizer_step, save_weights,
@@ -168,16 +168,6 @@ def variant_batches(n_cases: int, n_variants: int, batch_size: int):
         yield pick[i:i + batch_size]
 
 
-def val_dice(logits_of: Callable[[list], torch.Tensor], masks: torch.Tensor, n_classes: int, batch_size: int) -> float:
-    """Mean foreground Dice over the validation cases; ``logits_of(indices)`` predicts a batch."""
-    scores = []
-    with torch.inference_mode():
-        for i in range(0, len(masks), batch_size):
-            idx = list(range(i, min(i + batch_size, len(masks))))
-            scores.append(mean_foreground_dice(logits_of(idx).argmax(1).cpu(), masks[idx], n_classes))
-    return float(torch.cat(scores).mean())
-
-
 # ---------------------------------------------------------------------- frozen encoder + head
 
 
@@ -214,7 +204,7 @@ def fit_head(head: torch.nn.Module, emb_train: torch.Tensor, train_masks: torch.
 
     def val_fn():
         head.eval()
-        return {"val_dice": val_dice(lambda idx: head(emb_val[idx].float().to(device)), val_masks, head.n_classes,
+        return {"val_dice": validation_dice(lambda idx: head(emb_val[idx].float().to(device)), val_masks, head.n_classes,
                                      t.batch_size)}
 
     return stage.train({"head": head}, opt, t.head_epochs, epoch_fn, val_fn, seed=seed, scheduler=sched,
@@ -315,7 +305,7 @@ class LoraTraining:
         d, device = self.data(), self.run.device
         self.model.eval()
         with self.autocast():
-            return {"val_dice": val_dice(lambda idx: self.model.logits(make_batch(d.val, d.val_prefix, idx,
+            return {"val_dice": validation_dice(lambda idx: self.model.logits(make_batch(d.val, d.val_prefix, idx,
                                                                                   device)).float(),
                                          d.val["masks"], self.run.info.n_classes, self.run.profile.teacher.batch_size)}
 

@@ -203,7 +203,7 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_ste
 
 
 CPU_DTYPES = ("float32", "bfloat16")
-_BF16_WARNED: list = []  # the fallback warning is given once per process
+_BF16_WARNED: set = set()  # the settings whose float32 fallback was warned about (once per process each)
 
 
 def cpu_bf16_supported() -> bool:
@@ -215,6 +215,19 @@ def cpu_bf16_supported() -> bool:
         return False
 
 
+def cpu_bf16_or_float32(setting: str, what: str) -> str:
+    """``bfloat16`` where the CPU has bf16 instructions, else ``float32``, with one warning per ``setting`` (the profile
+    setting that asked for bfloat16; ``what`` is the work that runs in float32 instead)."""
+    if cpu_bf16_supported():
+        return "bfloat16"
+    if setting not in _BF16_WARNED:
+        _BF16_WARNED.add(setting)
+        warnings.warn(f"{setting}='bfloat16' asked for, but this CPU has no bfloat16 instructions (emulated bf16 is "
+                      f"several times slower): {what} in float32; results may differ slightly from a bf16 CPU's",
+                      stacklevel=3)
+    return "float32"
+
+
 def compute_dtype(device: str, cpu_dtype: str = "float32") -> str:
     """The type training really computes in: float16 on CUDA (AMP), on CPU ``cpu_dtype`` where the CPU
     supports it (bfloat16 falls back to float32 with a warning where it has no bf16 instructions)."""
@@ -222,15 +235,7 @@ def compute_dtype(device: str, cpu_dtype: str = "float32") -> str:
         raise ValueError(f"unknown student.cpu_dtype {cpu_dtype!r}; choose one of: {', '.join(CPU_DTYPES)}")
     if device.startswith("cuda"):
         return "float16"
-    if cpu_dtype == "bfloat16" and not cpu_bf16_supported():
-        if _BF16_WARNED:
-            return "float32"
-        _BF16_WARNED.append(True)
-        warnings.warn("student.cpu_dtype='bfloat16' asked for, but this CPU has no bfloat16 instructions (where "
-                      "bf16 is emulated and slower): training in float32; results may differ slightly from "
-                      "the documented ones", stacklevel=2)
-        return "float32"
-    return cpu_dtype
+    return cpu_bf16_or_float32("student.cpu_dtype", "the students train") if cpu_dtype == "bfloat16" else cpu_dtype
 
 
 def autocast(device: str, enabled: bool = True, cpu_dtype: str = "float32"):

@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from ..io import BusyError, DataError, check_name, load_dataset, safe_join, wait_for_conversion
+
 CONVERTERS = ("phantom", "hc18", "busi", "kidneyus", "chaos", "psfhs", "folder")
 
 
@@ -42,7 +44,6 @@ def ensure_dataset(dataset: str, data_root: Path, phantom_cases: int = 300, seed
     ``wait_s`` seconds for it and use its result. Real datasets cannot be fetched silently
     (registration, licences, size): a clear error says which script prepares them.
     """
-    from ..io import BusyError, DataError, check_name, safe_join, wait_for_conversion
 
     root = safe_join(data_root, check_name(dataset, "dataset name", "the dataset argument"))
     if (root / "dataset.json").is_file():
@@ -87,7 +88,6 @@ def main(name: str, argv: Optional[list] = None) -> int:
     module.add_arguments(parser)
     args = vars(parser.parse_args(argv))
     raw, out, overwrite = args.pop("raw", None), args.pop("out"), args.pop("overwrite")
-    from ..io import DataError
 
     start = time.perf_counter()
     try:
@@ -95,7 +95,6 @@ def main(name: str, argv: Optional[list] = None) -> int:
     except (DataError, FileExistsError, FileNotFoundError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from ..io import load_dataset
 
     info = load_dataset(folder)
     print(f"wrote {len(info.cases)} cases ({len({c.subject for c in info.cases})} subjects, classes "
