@@ -440,7 +440,7 @@ def _dice(pred: torch.Tensor, ref: torch.Tensor) -> float:
 def student_val_dice(model: nn.Module, ds: SegmentationDataset, device: str, batch_size: int) -> float:
     """:func:`tskd_utils.metrics.validation_dice` of a student on a (not augmented) dataset."""
     model.eval()
-    masks = torch.stack([ds[i]["mask"] for i in range(len(ds))])
+    masks = torch.from_numpy(np.stack(ds.masks)).long()  # what ds[i]["mask"] is without augmentation
     return validation_dice(lambda idx: model(torch.stack([ds[i]["image"] for i in idx]).to(device)), masks,
                            ds.info.n_classes, batch_size)
 
