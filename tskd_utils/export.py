@@ -52,6 +52,7 @@ from .metrics import median_ms
 from .modelcard import write_model_card
 from .predict import find_inputs, label_map, model_input, onnx_forward, onnx_session, open_run, trained_model, \
     to_gray_uint8, torch_forward
+from .training import non_finite
 
 ONNX_NAME, PARITY_NAME, CARD_NAME = "model.onnx", "parity.json", "MODEL_CARD.md"
 FAILED_NAME = "parity.failed.json"  # the record of a failed parity check; the export in the folder is left alone
@@ -237,10 +238,10 @@ def export_student(run, method: str = "ts_kd", out="export", overwrite: bool = F
     if existing:
         raise FileExistsError(f"{existing[0]} already exists; pass --overwrite (overwrite=True) to replace it")
     model, size = trained_model(run, method, "cpu"), run.profile.data.image_size
-    bad = sum(int((~torch.isfinite(p.detach())).sum()) for p in model.parameters())
+    bad = non_finite({}, {method: model})
     if bad:
-        raise DataError(f"{method} of {run.dir}: {bad} of its weights are NaN or inf (its training diverged); "
-                        "nothing was exported. Retrain it with a lower learning rate.")
+        raise DataError(f"{method} of {run.dir}: {bad} (its training diverged); nothing was exported. Retrain it "
+                        "with a lower learning rate.")
     images, source = parity_images(run, inputs)
     out.mkdir(parents=True, exist_ok=True)
     stage = out / f".export.tmp-{uuid.uuid4().hex[:8]}"  # the new files, until they are all there and verified
