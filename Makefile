@@ -36,9 +36,10 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 LOCK ?= requirements/lock-linux-x86_64.txt
 PINNED ?= $(if $(filter Linux-x86_64,$(shell uname -s)-$(shell uname -m)),1,0)
 PIN := $(if $(filter 1,$(PINNED)),-c $(LOCK))
-# --no-compile: no byte-compiling of the ~21,000 .py files installed (about a minute on 2 cores); Python compiles
-# the modules it imports on first use
-PIP_FLAGS ?= -q --no-compile
+# pip byte-compiles what it installs (~21,000 .py files, about a minute): keep it. --no-compile made the fresh-clone
+# `make test` 3 minutes slower where PYTHONDONTWRITEBYTECODE is set (CI-like shells): every process then compiled
+# every module it imported, every time (docs/benchmarks.md, "make test")
+PIP_FLAGS ?= -q
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
