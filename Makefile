@@ -38,7 +38,7 @@ PINNED ?= $(if $(filter Linux-x86_64,$(shell uname -s)-$(shell uname -m)),1,0)
 PIN := $(if $(filter 1,$(PINNED)),-c $(LOCK))
 # pip byte-compiles what it installs (~21,000 .py files, about a minute): keep it. --no-compile made the fresh-clone
 # `make test` 3 minutes slower where PYTHONDONTWRITEBYTECODE is set (CI-like shells): every process then compiled
-# every module it imported, every time (docs/benchmarks.md, "make test")
+# every module it imported, every time (docs/benchmarks.md, "pip --no-compile, tried")
 PIP_FLAGS ?= -q
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
