@@ -36,15 +36,13 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 LOCK ?= requirements/lock-linux-x86_64.txt
 PINNED ?= $(if $(filter Linux-x86_64,$(shell uname -s)-$(shell uname -m)),1,0)
 PIN := $(if $(filter 1,$(PINNED)),-c $(LOCK))
-# pip byte-compiles what it installs (~21,000 .py files, about a minute): keep it. --no-compile made the fresh-clone
-# `make test` 3 minutes slower where PYTHONDONTWRITEBYTECODE is set (CI-like shells): every process then compiled
-# every module it imported, every time (docs/benchmarks.md, "pip --no-compile, tried")
-PIP_FLAGS ?= -q
+# pip byte-compiles what it installs: keep it. --no-compile made the fresh-clone `make test` about 4 minutes slower
+# where PYTHONDONTWRITEBYTECODE is set (docs/benchmarks.md, "pip --no-compile, tried")
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	if [ "$(CPU)" = 1 ]; then $(PY) -m pip install $(PIP_FLAGS) "torch>=2.6" torchvision $(PIN) --index-url $(TORCH_CPU_INDEX); fi
-	$(PY) -m pip install $(PIP_FLAGS) -e ".[$(EXTRAS)]" $(PIN)
+	if [ "$(CPU)" = 1 ]; then $(PY) -m pip install -q "torch>=2.6" torchvision $(PIN) --index-url $(TORCH_CPU_INDEX); fi
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]" $(PIN)
 	touch $(STAMP)
 
 # the lock file from pyproject.toml (its header says how it is used)
