@@ -55,9 +55,10 @@ lock: $(STAMP)
 install: $(STAMP)
 
 # the test files on TEST_WORKERS processes (pytest-xdist; each file stays in one process, in order: its module
-# fixtures are built once); TEST_WORKERS=0 runs them in this process, one after the other
+# fixtures are built once), handed out longest first (tests/conftest.py, LONGEST_FIRST; --no-loadscope-reorder keeps
+# that order); TEST_WORKERS=0 runs them in this process, one after the other
 TEST_WORKERS ?= 2
-XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 test: EXTRAS = dev,cluster
 test: $(STAMP)
 	$(PY) -m pytest -q $(XDIST)

@@ -19,11 +19,13 @@ torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.
 NO_TRAINING = "TSKD_TEST_NO_TRAINING"  # make test-fast: a test that runs a training epoch must be marked `trains`
 
 
-# The longest test files first (docs/benchmarks.md, "make test"): with the files shared between two processes
-# (pytest-xdist, --dist loadfile), a long file started last would leave the other process idle at the end.
-# The sort is stable: the order inside a file, and of the other files, is kept.
-LONGEST_FIRST = ("test_sweep_cluster.py", "test_pipeline.py", "test_notebooks_alone.py", "test_exact_resume.py",
-                 "test_learning.py", "test_notebook_core.py")
+# The longest test files first (docs/benchmarks.md, "Test suite": seconds per file): with the files shared between
+# two processes (pytest-xdist, --dist loadfile), a long file started last would leave the other process idle at the
+# end. The Makefile passes --no-loadscope-reorder: without it pytest-xdist re-sorts the files by their number of tests
+# (the sweeps, with few tests each, last). The sort is stable: the order inside a file, and of the other files, is kept.
+LONGEST_FIRST = ("test_sweep_cluster.py", "test_notebooks_alone.py", "test_pipeline.py", "test_predict_export.py",
+                 "test_sweep_safety.py", "test_teacher.py", "test_converters_hc18_busi_kidneyus_folder.py",
+                 "test_geometry.py", "test_distill.py", "test_readme_commands.py", "test_realdata.py")
 
 
 def pytest_collection_modifyitems(config, items):

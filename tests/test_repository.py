@@ -88,3 +88,13 @@ def test_the_cycle_check_finds_a_cycle():
 def test_the_sweep_driver_starts_without_torch():
     code = "import sys, tskd_utils.reproduce; assert 'torch' not in sys.modules, 'reproduce imported torch'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def test_the_longest_test_files_are_handed_out_first():
+    """make test's order of files (tests/conftest.py) names files that exist and is not undone by pytest-xdist's
+    default re-sorting by number of tests (which puts the few-test sweep files last)."""
+    from conftest import LONGEST_FIRST
+
+    assert all((REPO / "tests" / name).is_file() for name in LONGEST_FIRST), LONGEST_FIRST
+    xdist = next(ln for ln in (REPO / "Makefile").read_text().splitlines() if ln.startswith("XDIST :="))
+    assert "--dist loadfile" in xdist and "--no-loadscope-reorder" in xdist

@@ -263,7 +263,7 @@ def _cpu() -> Profile:
 def _colab() -> Profile:
     return Profile(
         name="colab",
-        description="one free Colab/Kaggle GPU (T4, 15 GB): SAM ViT-B teacher, ViT-Tiny student, 256 px, fp16",
+        description="one free Colab/Kaggle GPU (T4, 15 GB): SAM ViT-B teacher, a U-Net student, 256 px, fp16",
         default_n_labeled=20,
         device="auto",
         data=DataConfig(image_size=256, max_train=None, phantom_cases=300, num_workers=2),
@@ -286,7 +286,7 @@ def _colab() -> Profile:
 def _paper() -> Profile:
     return Profile(
         name="paper",
-        description="a large GPU: SAM ViT-B at its native 1024 px, ViT-Tiny at 256 px, long schedules",
+        description="a large GPU: SAM ViT-B at its native 1024 px, a U-Net student at 256 px, long schedules",
         default_n_labeled=80,
         device="auto",
         data=DataConfig(image_size=256, phantom_cases=1000, num_workers=8),

@@ -20,14 +20,14 @@ from typing import Optional, Sequence
 from tqdm.auto import tqdm
 
 from .config import MACHINES
-from .distill import run_method
+from .distill import KD_METHODS, run_method
 from .generation import generate, synthetic_paths
 from .run import Run, check_methods
 from .teacher import train_teacher
 
 STAGE_NOTEBOOK = {"teacher": "02_teacher_lora_finetuning", "synthetic": "03_diffusion_synthesis",
                   "students": "04_distillation"}
-NEEDS_TEACHER = ("ts_kd", "ts_kd_nosyn", "ta_kd")  # their pretraining distills the teacher
+NEEDS_TEACHER = KD_METHODS  # their pretraining distills the teacher
 NEEDS_SYNTHETIC = ("ts_kd", "ta_kd", "mae", "mocov3")  # their transfer set includes the synthetic images
 
 
