@@ -24,9 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def validation_dice(run, method: str) -> np.ndarray:
     """Per-case mean foreground Dice of one model of ``run`` on its validation split, at the original size."""
-    from tskd_utils.checkpoints import load_model, student_logits, teacher_logits, to_label_map
+    from tskd_utils.checkpoints import load_model, student_logits, teacher_logits
     from tskd_utils.io import load_case
-    from tskd_utils.metrics import case_metrics
 
     records = [run.info.case(c) for c in run.splits["val"]]
     pairs = [load_case(run.info, rec) for rec in records]
@@ -34,6 +33,14 @@ def validation_dice(run, method: str) -> np.ndarray:
     model, _ = load_model(run, method)
     logits = teacher_logits(run, model, images, [r.case for r in records]) if method.startswith("teacher") \
         else student_logits(run, model, images)
+    return case_dice(run, logits, masks)
+
+
+def case_dice(run, logits, masks) -> np.ndarray:
+    """Per-case mean foreground Dice of letterboxed logits against original-size masks."""
+    from tskd_utils.checkpoints import to_label_map
+    from tskd_utils.metrics import case_metrics
+
     return np.array([np.mean(case_metrics(to_label_map(lg, mk.shape), mk, run.info.n_classes)["dice"])
                      for lg, mk in zip(logits, masks)])
 
