@@ -3,6 +3,7 @@
 teacher beat the practitioner's U-Net, and where does the distilled student stand, before anyone looks at the test set?
 
     python benchmarks/bench_val_paired.py --run-dir /tmp/fresh-hc18/hc18_n20_s0 --methods teacher unet_supervised ts_kd
+    # --csv docs/results/hc18_n20_s0_val.csv keeps the per-case scores (benchmarks/pool_per_case.py pools seeds)
 
 Each model predicts the validation images as the evaluation stage predicts the test images (the teacher through the
 run's prefix cache, the students at their input size), the label maps are scored at the original size with the
@@ -49,6 +50,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run-dir", type=Path, required=True)
     ap.add_argument("--methods", nargs="+", default=["teacher", "unet_supervised", "ts_kd"])
+    ap.add_argument("--csv", type=Path, help="also write the per-case validation Dice here (method, case, dice, and the "
+                                             "run's dataset, n_labeled and seed), for benchmarks/pool_per_case.py")
     args = ap.parse_args()
 
     import pandas as pd
@@ -63,6 +66,12 @@ def main() -> None:
     for a, b in itertools.combinations(args.methods, 2):
         mean, low, high = bootstrap_ci(scores[a] - scores[b])
         print(f"{a} - {b}: {format_interval(mean, low, high)}")
+    if args.csv:
+        rows = [{"dataset": run.dataset, "n_labeled": run.n_labeled, "seed": run.seed, "split": "val", "method": m,
+                 "case": c, "dice": float(d)} for m, s in scores.items() for c, d in zip(run.splits["val"], s)]
+        args.csv.parent.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame(rows).to_csv(args.csv, index=False)
+        print(f"per-case validation Dice: {args.csv}")
 
 
 if __name__ == "__main__":

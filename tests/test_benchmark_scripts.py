@@ -3,7 +3,8 @@
 variant never writes into the finished run it starts from) and the teacher variants (bench_teacher_variants.py, on the
 smoke profile: a variant trains beside the run, reuses what its settings leave unchanged, and the run is only read), and
 the post-processing benchmark's largest-component step (bench_postprocess.py), and the teacher against the U-Net
-(bench_teacher_vs_unet.py, smoke profile: both scored, seeds pooled, a second invocation trains and scores nothing)."""
+(bench_teacher_vs_unet.py, smoke profile: both scored, seeds pooled, a second invocation trains and scores nothing), and
+pooling saved per-case tables of several seeds (pool_per_case.py: run folders and saved tables, a mix refused)."""
 
 from __future__ import annotations
 
@@ -182,3 +183,44 @@ def test_postprocess_keeps_each_class_largest_component_and_scores_like_notebook
         assert bench.dice_of(pred, mask, 3) == pytest.approx(np.mean(case_metrics(pred, mask, 3)["dice"]), abs=1e-6)
     empty = np.zeros((8, 8), np.uint8)
     assert bench.dice_of(empty, empty, 2) == 1.0 and bench.dice_of(labels[:8, :8] * 0 + 1, empty, 2) == 0.0
+
+
+def _run_folder(root: Path, seed: int, gain: float, n_labeled: int = 50, n: int = 60) -> Path:
+    """A minimal evaluated run folder: config.json and the test split's metrics/per_case.csv (two classes)."""
+    import json
+
+    run = root / f"hc18_n{n_labeled}_s{seed}"
+    (run / "metrics").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"dataset": "hc18", "n_labeled": n_labeled, "seed": seed}))
+    rng = np.random.default_rng(seed)
+    base = rng.uniform(0.85, 0.95, n)
+    rows = [{"method": m, "case": f"c{i:03d}", "class": k, "dice": d + rng.normal(0, 0.002), "iou": 0.0, "hd95": 1.0}
+            for m, dice in (("unet_supervised", base), ("ts_kd", base + gain)) for i, d in enumerate(dice)
+            for k in ("head", "rim")]
+    pd.DataFrame(rows).to_csv(run / "metrics" / "per_case.csv", index=False)
+    return run
+
+
+def test_pooling_saved_tables_finds_the_gain_over_both_seeds_and_refuses_a_mix(tmp_path, monkeypatch, capsys):
+    pool = _bench("pool_per_case")
+    runs = [_run_folder(tmp_path, 0, 0.03), _run_folder(tmp_path, 1, 0.01)]
+    saved = tmp_path / "results"
+    monkeypatch.setattr(sys, "argv", ["pool_per_case.py", str(runs[0]), "--save-dir", str(saved)])
+    pool.main()  # the run folder read, its table kept with the run's columns
+    kept = pd.read_csv(saved / "hc18_n50_s0_test.csv")
+    assert set(kept[["dataset", "n_labeled", "seed", "split"]].itertuples(index=False)) == {("hc18", 50, 0, "test")}
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "argv", ["pool_per_case.py", str(saved / "hc18_n50_s0_test.csv"), str(runs[1])])
+    pool.main()  # a saved table pooled with a run folder: 60 cases x 2 seeds, the mean gain +2 points
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("ts_kd - unet_supervised"))
+    low, high = map(float, re.search(r"\[([-+\d.]+), ([-+\d.]+)\]", line).groups())
+    # seeds resampled too: the interval spans the two seeds' gains (+1 and +3), not one seed's
+    assert "+2.0 points" in line and "60 cases x 2 seeds" in line and "ts_kd better" in line, line
+    assert 0.5 < low < 2.0 < high <= 3.1, line
+    other = _run_folder(tmp_path / "n20", 1, 0.0, n_labeled=20)
+    with pytest.raises(SystemExit, match="differ in n_labeled.*n20"):
+        pool.read_tables([runs[0], other])
+    with pytest.raises(SystemExit, match=r"seed \[0\] comes from more than one file"):
+        pool.read_tables([runs[0], saved / "hc18_n50_s0_test.csv"])
+    with pytest.raises(SystemExit, match="not an evaluated run folder"):
+        pool.read_tables([tmp_path])
