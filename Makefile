@@ -25,7 +25,8 @@ help:
 
 # a virtual environment with the project installed (re-done when pyproject.toml changes)
 # EXTRAS: the optional dependencies (pyproject.toml); Ray and submitit (cluster) only where asked for: `make test`
-# asks for them on a fresh .venv so that the cluster tests run, `make install EXTRAS=dev,cluster` adds them later
+# asks for them on a fresh .venv so that the cluster tests run, `make -B install EXTRAS=dev,cluster` adds them
+# to an existing .venv (a plain `make install` sees the stamp and does nothing)
 EXTRAS ?= dev
 # CPU=1: PyTorch's CPU-only torch and torchvision (timm needs it) first (no CUDA libraries: a laptop, Binder),
 # then the project, which keeps them

@@ -17,10 +17,11 @@ from conftest import REPO
 # commands too long, interactive or networked for the test suite, and what each costs
 LONG = {
     "make demo": "the whole pipeline, 30 min or more on 2 cores (README, 'What to expect')",
-    "make test": "this suite, about 14 minutes",
+    "make test": "this suite, about 10 minutes",
     "make test-fast": "the suite without the slow runs",
     "make test-notebooks": "the nbval runs of the notebooks, about 4 minutes",
     "make install": "pip install into .venv: minutes, 2.4 to 7 GB",
+    "make -B install": "make install again, to add an extra to an existing .venv (the same cost)",
     "make lab": "starts JupyterLab (interactive)",
     "make lock": "resolves the lock file against the registry (network); tests/test_lock.py checks the result",
     "make reproduce": "a sweep: one demo run per (n_labeled, seed), 30 min or more each",
