@@ -11,7 +11,7 @@ values): a random checkpoint is written and passed as teacher.weights. Writes OU
 
     python benchmarks/bench_colab_gpu.py --out /tmp/colab_gpu            # a CUDA machine; an empty --out (a finished
     #                                                                        stage is reused and its wall time is not)
-    python benchmarks/bench_colab_gpu.py --out /tmp/colab_cpu --tiny     # the same code path on a CPU in a minute
+    python benchmarks/bench_colab_gpu.py --out /tmp/colab_cpu --tiny     # the same code path on a CPU (minutes)
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tskd_utils import distill, evaluate, generation, teacher  # noqa: E402
+from tskd_utils.config import get_profile  # noqa: E402
 from tskd_utils.run import setup_run  # noqa: E402
 from tskd_utils.training import history_of  # noqa: E402
 
@@ -104,8 +105,6 @@ def main() -> None:
         overrides.update({"teacher.input_size": 64, "data.image_size": 64, "data.num_workers": 0,
                           "diffusion.n_synthetic": 8, "diffusion.sample_size": 32, "diffusion.sampling_steps": 5})
     run = setup_run(out / "run", "colab", "phantom", data_root, args.n_labeled, 0, overrides)
-    from tskd_utils.config import get_profile
-
     full = get_profile("colab")
     p = run.profile
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"

@@ -15,6 +15,7 @@ Only tables of one dataset, n_labeled and split pool together: a mix is refused,
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -25,8 +26,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def read_table(path: Path) -> pd.DataFrame:
     """A run folder's test table with its dataset, n_labeled, seed and split as columns, or a saved table."""
-    import json
-
     if path.is_dir():
         per_case, config = path / "metrics" / "per_case.csv", path / "config.json"
         if not (per_case.is_file() and config.is_file()):
@@ -49,15 +48,15 @@ def read_tables(paths, seeds=None, save_dir=None) -> pd.DataFrame:
     frames = []
     for i, path in enumerate(paths):
         df = read_table(path)
+        missing = {"method", "case", "dice"} - set(df.columns)
+        if missing:
+            raise SystemExit(f"{path}: not a per-case table (no column {', '.join(sorted(missing))})")
         if save_dir is not None and {"dataset", "n_labeled", "seed", "split"} <= set(df.columns):
             r = df.iloc[0]
             out = Path(save_dir) / f"{r['dataset']}_n{r['n_labeled']}_s{r['seed']}_{r['split']}.csv"
             out.parent.mkdir(parents=True, exist_ok=True)
             df.to_csv(out, index=False, float_format="%.6f")
             print(f"saved {out}")
-        missing = {"method", "case", "dice"} - set(df.columns)
-        if missing:
-            raise SystemExit(f"{path}: not a per-case table (no column {', '.join(sorted(missing))})")
         if "seed" not in df.columns:
             if not seeds or i >= len(seeds):
                 raise SystemExit(f"{path} has no seed column: give --seeds, one per file in order")
