@@ -24,8 +24,8 @@ help:
 	@echo "make clean-cache remove the recomputable caches under runs/ (keeps weights, metrics, notebooks)"
 
 # a virtual environment with the project installed (re-done when pyproject.toml changes)
-# EXTRAS: the optional dependencies (pyproject.toml); Ray and submitit (cluster) only where asked for: `make test`
-# asks for them on a fresh .venv so that the cluster tests run, `make -B install EXTRAS=dev,cluster` adds them
+# EXTRAS: the optional dependencies (pyproject.toml); Ray and submitit (cluster) and SimpleITK (psfhs) only where
+# asked for: `make test` asks for them on a fresh .venv so that the cluster and .mha tests run, `make -B install EXTRAS=dev,cluster` adds them
 # to an existing .venv (a plain `make install` sees the stamp and does nothing)
 EXTRAS ?= dev
 # CPU=1: PyTorch's CPU-only torch and torchvision (timm needs it) first (no CUDA libraries: a laptop, Binder),
@@ -49,7 +49,7 @@ $(STAMP): pyproject.toml $(LOCK)
 # the lock file from pyproject.toml (its header says how it is used)
 lock: $(STAMP)
 	$(PY) -m pip install -q uv
-	$(VENV)/bin/uv pip compile pyproject.toml --extra dev --extra cluster --extra lab --python-version 3.11 \
+	$(VENV)/bin/uv pip compile pyproject.toml --extra dev --extra cluster --extra lab --extra psfhs --python-version 3.11 \
 		--python-platform x86_64-manylinux_2_28 -c requirements/torch-pin.txt --no-header -o $(LOCK).new
 	{ sed -n '/^#/p;/^[^#]/q' $(LOCK); cat $(LOCK).new; } > $(LOCK).tmp && rm $(LOCK).new && mv $(LOCK).tmp $(LOCK)
 
@@ -60,7 +60,7 @@ install: $(STAMP)
 # that order); TEST_WORKERS=0 runs them in this process, one after the other
 TEST_WORKERS ?= 2
 XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
-test: EXTRAS = dev,cluster
+test: EXTRAS = dev,cluster,psfhs
 test: $(STAMP)
 	$(PY) -m pytest -q $(XDIST)
 

@@ -138,7 +138,8 @@ SOURCES: dict = {
         ),
         "raw": "psfhs",
         "prepare": ["python data_scripts/prepare_psfhs.py --raw {raw} --out DATA_ROOT"],
-        "note": "The archive holds PSFHS/image_mha/*.mha and PSFHS/label_mha/*.mha; prepare needs SimpleITK.",
+        "note": "The archive holds PSFHS/image_mha/*.mha and PSFHS/label_mha/*.mha; prepare needs SimpleITK "
+                "(pip install -e '.[psfhs]').",
     },
 }
 

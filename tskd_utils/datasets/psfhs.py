@@ -99,7 +99,8 @@ def _sitk():
     try:
         import SimpleITK as sitk
     except ImportError:
-        raise DataError("reading .mha files needs SimpleITK, which is not installed: pip install SimpleITK") from None
+        raise DataError("reading .mha files needs SimpleITK, which is not installed: pip install SimpleITK (or the "
+                        "project's extra: pip install -e \".[psfhs]\", make -B install EXTRAS=dev,psfhs)") from None
     return sitk
 
 
