@@ -25,8 +25,9 @@ help:
 
 # a virtual environment with the project installed (re-done when pyproject.toml changes)
 # EXTRAS: the optional dependencies (pyproject.toml); Ray and submitit (cluster) and SimpleITK (psfhs) only where
-# asked for: `make test` asks for them on a fresh .venv so that the cluster and .mha tests run, `make -B install EXTRAS=dev,cluster` adds them
-# to an existing .venv (a plain `make install` sees the stamp and does nothing)
+# asked for: `make test` asks for them on a fresh .venv so that the cluster and .mha tests run;
+# `make -B install EXTRAS=dev,cluster` adds them to an existing .venv (a plain `make install` sees the stamp and
+# does nothing)
 EXTRAS ?= dev
 # CPU=1: PyTorch's CPU-only torch and torchvision (timm needs it) first (no CUDA libraries: a laptop, Binder),
 # then the project, which keeps them
